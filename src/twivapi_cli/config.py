@@ -1,0 +1,239 @@
+"""Settings: one table, read from flags > environment > .env > defaults.
+
+This is the only module that reads the environment. Every setting has one row in ``SETTINGS``; the
+README's settings table, ``--help`` texts and a test all come from it, so they cannot drift apart.
+Secrets are wrapped in ``Secret`` whose repr and str are masked, so a settings object can be logged,
+printed in a traceback or put in an error without leaking anything.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, Callable, Mapping
+from urllib.parse import urlsplit
+
+from .errors import ConfigError
+
+
+class Secret:
+    """A string that never shows itself in repr/str/format; call ``reveal()`` at the point of use."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str):
+        self._value = value
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret('**********')"
+
+    __str__ = __repr__
+
+    def __bool__(self) -> bool:
+        return bool(self._value)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+
+MODES = ("stream", "bypass", "native")
+AUDIO_FORMATS = ("mulaw-8k", "pcm16-16k")
+
+
+def _url(value: str) -> str:
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ValueError("must be an http(s) URL such as https://example.ngrok.app")
+    return value.rstrip("/")
+
+
+def _public_url(value: str) -> str:
+    value = _url(value)
+    parts = urlsplit(value)
+    if parts.username or parts.password:
+        raise ValueError("must not carry user:password@ (Twilio drops credentials when signing)")
+    if parts.hostname and parts.hostname != parts.hostname.lower():
+        raise ValueError("host must be lowercase (Twilio signs the lowercase host)")
+    return value
+
+
+def _choice(options: tuple[str, ...]) -> Callable[[str], str]:
+    def cast(value: str) -> str:
+        if value not in options:
+            raise ValueError(f"must be one of {', '.join(options)}")
+        return value
+    return cast
+
+
+def _account_sid(value: str) -> str:
+    if not re.fullmatch(r"AC[0-9a-fA-F]{32}", value):
+        raise ValueError("must be 'AC' followed by 32 hex characters (Twilio Console > Account Info)")
+    return value
+
+
+def _positive_float(value: str) -> float:
+    number = float(value)
+    if number <= 0:
+        raise ValueError("must be a positive number")
+    return number
+
+
+def _port(value: str) -> int:
+    number = int(value)
+    if not 0 <= number <= 65535:
+        raise ValueError("must be a port number from 0 to 65535")
+    return number
+
+
+@dataclass(frozen=True)
+class Setting:
+    attr: str
+    env: str
+    default: Any
+    help: str
+    cast: Callable[[str], Any] = str
+    secret: bool = False
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("twilio_account_sid", "TWILIO_ACCOUNT_SID", None,
+            "Twilio account SID (AC...), for provisioning and the simulated account.", _account_sid),
+    Setting("twilio_auth_token", "TWILIO_AUTH_TOKEN", None,
+            "Twilio primary Auth Token: signs and validates X-Twilio-Signature.", secret=True),
+    Setting("twilio_api_base_url", "TWILIO_API_BASE_URL", "https://api.twilio.com",
+            "Base URL of Twilio's REST API (point it at `twivapi sim` for local work).", _url),
+    Setting("vapi_api_key", "VAPI_API_KEY", None, "Vapi private API key (Bearer).", secret=True),
+    Setting("vapi_base_url", "VAPI_BASE_URL", "https://api.vapi.ai",
+            "Base URL of Vapi's REST API (point it at `twivapi sim` for local work).", _url),
+    Setting("vapi_webhook_secret", "VAPI_WEBHOOK_SECRET", None,
+            "Secret Vapi sends with server-URL messages (X-Vapi-Secret, Bearer or HMAC key).", secret=True),
+    Setting("vapi_assistant_id", "VAPI_ASSISTANT_ID", None,
+            "Vapi assistant used for calls and answered to assistant-request."),
+    Setting("vapi_phone_number_id", "VAPI_PHONE_NUMBER_ID", None,
+            "Vapi phone-number id (bypass mode's POST /call needs it)."),
+    Setting("public_url", "TWIVAPI_PUBLIC_URL", None,
+            "Public https base URL Twilio calls; signatures are validated against it.", _public_url),
+    Setting("store", "TWIVAPI_STORE", None,
+            "Where state lives: sqlite:///path.db, memory://, redis://host:port/db "
+            "(default: SQLite in the state dir)."),
+    Setting("mode", "TWIVAPI_MODE", "stream", "stream | bypass | native.", _choice(MODES)),
+    Setting("audio_format", "TWIVAPI_AUDIO_FORMAT", "mulaw-8k",
+            "Audio to Vapi's WebSocket transport: mulaw-8k (passthrough) | pcm16-16k.",
+            _choice(AUDIO_FORMATS)),
+    Setting("host", "TWIVAPI_HOST", "127.0.0.1", "Interface `serve` listens on."),
+    Setting("port", "TWIVAPI_PORT", 8080, "Public port `serve` listens on.", _port),
+    Setting("admin_port", "TWIVAPI_ADMIN_PORT", 0,
+            "Loopback-only admin port for tail/metrics (0 = pick a free one).", _port),
+    Setting("state_dir", "TWIVAPI_STATE_DIR", ".twivapi",
+            "Directory for the SQLite store, provision state and the bridge's admin address.", Path),
+    Setting("bypass_timeout", "TWIVAPI_BYPASS_TIMEOUT", 5.0,
+            "Seconds bypass mode waits for Vapi before answering with fallback TwiML.", _positive_float),
+    Setting("session_ttl", "TWIVAPI_SESSION_TTL", 4 * 3600.0,
+            "Seconds after which a session that never ended is expired.", _positive_float),
+    Setting("setup_queue_limit", "TWIVAPI_SETUP_QUEUE_LIMIT", 2000,
+            "Vapi call setups that may wait at once; past it callers get the fallback TwiML.", int),
+    Setting("ngrok_authtoken", "NGROK_AUTHTOKEN", None, "ngrok auth token for `serve --tunnel`.",
+            secret=True),
+)
+
+_BY_ATTR = {s.attr: s for s in SETTINGS}
+
+
+@dataclass(frozen=True)
+class Settings:
+    twilio_account_sid: str | None = None
+    twilio_auth_token: Secret | None = None
+    twilio_api_base_url: str = "https://api.twilio.com"
+    vapi_api_key: Secret | None = None
+    vapi_base_url: str = "https://api.vapi.ai"
+    vapi_webhook_secret: Secret | None = None
+    vapi_assistant_id: str | None = None
+    vapi_phone_number_id: str | None = None
+    public_url: str | None = None
+    store: str | None = None
+    mode: str = "stream"
+    audio_format: str = "mulaw-8k"
+    host: str = "127.0.0.1"
+    port: int = 8080
+    admin_port: int = 0
+    state_dir: Path = field(default_factory=lambda: Path(".twivapi"))
+    bypass_timeout: float = 5.0
+    session_ttl: float = 4 * 3600.0
+    setup_queue_limit: int = 2000
+    ngrok_authtoken: Secret | None = None
+
+    def require(self, *attrs: str) -> None:
+        """Fail with one message naming every missing variable and how to set it."""
+        missing = [_BY_ATTR[a] for a in attrs if not getattr(self, a)]
+        if missing:
+            names = ", ".join(s.env for s in missing)
+            raise ConfigError(
+                f"missing setting: {names}",
+                hint=f"set {'it' if len(missing) == 1 else 'them'} in the environment or in .env "
+                     f"(see .env.example), e.g. {missing[0].env}=...",
+            )
+
+    @property
+    def store_url(self) -> str:
+        return self.store or f"sqlite:///{self.state_dir / 'twivapi.db'}"
+
+    def with_overrides(self, **values: Any) -> "Settings":
+        return replace(self, **values)
+
+
+def _cast(setting: Setting, raw: Any, source: str) -> Any:
+    if raw is None or raw == "":
+        return None
+    if not isinstance(raw, str):
+        value = raw
+    else:
+        try:
+            value = setting.cast(raw.strip())
+        except (ValueError, TypeError) as exc:
+            shown = "(hidden)" if setting.secret else repr(raw)
+            raise ConfigError(f"{setting.env} {shown} from {source} {exc}",
+                              hint=f"fix {setting.env} in the environment or .env") from None
+    return Secret(value) if setting.secret and not isinstance(value, Secret) else value
+
+
+def load_settings(flags: Mapping[str, Any] | None = None, *, environ: Mapping[str, str] | None = None,
+                  env_file: str | Path | None = ".env") -> Settings:
+    """Build Settings: flags (by attribute name, None = not given) > environ > .env file > defaults."""
+    from dotenv import dotenv_values
+
+    environ = os.environ if environ is None else environ
+    file_values: Mapping[str, str | None] = {}
+    if env_file is not None:
+        path = Path(env_file)
+        if path.is_file():
+            file_values = dotenv_values(path)
+        elif str(env_file) != ".env":
+            raise ConfigError(f"--env-file {env_file} does not exist")
+    values: dict[str, Any] = {}
+    flags = flags or {}
+    for setting in SETTINGS:
+        for source, raw in (("a flag", flags.get(setting.attr)), ("the environment", environ.get(setting.env)),
+                            (f"{env_file}", file_values.get(setting.env))):
+            value = _cast(setting, raw, source)
+            if value is not None:
+                values[setting.attr] = value
+                break
+    known = {f.name for f in fields(Settings)}
+    return Settings(**{k: v for k, v in values.items() if k in known})
+
+
+def settings_table() -> list[tuple[str, str, str]]:
+    """(variable, default, help) rows, for the README and `twivapi config`."""
+    rows = []
+    for s in SETTINGS:
+        default = "" if s.default is None else str(s.default)
+        rows.append((s.env, default, s.help))
+    return rows
