@@ -1,0 +1,118 @@
+"""The bridge's ASGI app: ``create_app(settings, store, vapi)``, explicit routes and dependencies.
+
+No module-level app and no environment reads: everything the handlers need hangs off
+``app.state`` (settings, store, recorder, registry, vapi, tools), built here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import logging
+import time
+import uuid
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from .. import __version__
+from ..config import Settings
+from ..errors import StoreError
+from ..store import Store
+from . import twilio_hooks, vapi_hooks
+from .events import Recorder
+from .http import HttpError, error_response
+from .sessions import CallRegistry
+from .tools import ToolRegistry
+
+log = logging.getLogger("twivapi.bridge")
+
+
+def check_settings(settings: Settings) -> None:
+    """Fail at start, naming every variable a mode needs."""
+    needed = ["twilio_auth_token", "vapi_webhook_secret"]
+    if settings.mode in ("stream", "bypass"):
+        needed += ["vapi_api_key", "vapi_assistant_id"]
+    if settings.mode == "bypass":
+        needed.append("vapi_phone_number_id")
+    settings.require(*needed)
+
+
+async def health(request: Request) -> JSONResponse:
+    state = request.app.state
+    store = await state.store.health()
+    active = len(await state.store.active_sessions()) if store.get("ok") else None
+    body = {"status": "ok" if store.get("ok") else "degraded", "version": __version__, "mode": state.settings.mode,
+            "instance": state.instance, "active_sessions": active, "store": store,
+            "uptime_s": round(time.monotonic() - state.started, 1), **state.registry.stats()}
+    return JSONResponse(body, status_code=200 if store.get("ok") else 503)
+
+
+async def _http_error(request: Request, exc: HttpError) -> JSONResponse:
+    return error_response(exc.status, exc.code, exc.message)
+
+
+async def _starlette_error(request: Request, exc: HTTPException) -> JSONResponse:
+    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+    return error_response(exc.status_code, code, str(exc.detail))
+
+
+async def _store_error(request: Request, exc: StoreError) -> JSONResponse:
+    log.error("store unavailable on %s: %s", request.url.path, exc)
+    return error_response(503, "store_unavailable", "state store unavailable; retry later")
+
+
+async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+    log.exception("unexpected error on %s", request.url.path)
+    return error_response(500, "internal_error", "internal error (logged)")
+
+
+def routes(extra: list | None = None) -> list:
+    table = [
+        Route("/twilio/voice", twilio_hooks.voice, methods=["POST"]),
+        Route("/twilio/status", twilio_hooks.status, methods=["POST"]),
+        Route("/twilio/after-stream", twilio_hooks.after_stream, methods=["POST"]),
+        Route("/vapi/webhook", vapi_hooks.webhook, methods=["POST"]),
+        Route("/health", health, methods=["GET"]),
+    ]
+    try:
+        media = importlib.import_module(f"{__package__}.media")
+        table += media.routes()
+    except ModuleNotFoundError as exc:  # the media bridge ships in its own module
+        if exc.name != f"{__package__}.media":
+            raise
+    return table + (extra or [])
+
+
+def create_app(settings: Settings, store: Store, vapi: Any, *, tools: ToolRegistry | None = None,
+               instance: str | None = None, extra_routes: list | None = None) -> Starlette:
+    recorder = Recorder(store, instance or uuid.uuid4().hex[:8])
+    registry = CallRegistry(settings, store, recorder, vapi)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette):
+        await store.open()
+        registry.start()
+        app.state.started = time.monotonic()
+        try:
+            yield
+        finally:
+            await registry.stop()
+            await vapi.aclose()
+            await store.close()
+
+    app = Starlette(routes=routes(extra_routes), lifespan=lifespan, exception_handlers={
+        HttpError: _http_error, HTTPException: _starlette_error, StoreError: _store_error, Exception: _unexpected})
+    app.state.settings = settings
+    app.state.store = store
+    app.state.recorder = recorder
+    app.state.registry = registry
+    app.state.vapi = vapi
+    app.state.tools = tools or ToolRegistry.default()
+    app.state.instance = recorder.instance
+    app.state.started = time.monotonic()
+    return app

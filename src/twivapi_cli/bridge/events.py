@@ -1,0 +1,69 @@
+"""The recorder: every webhook and state change goes to the store's event log and to live subscribers.
+
+Subscribers (tail's admin stream, tests) get a bounded queue each; a slow subscriber loses the
+oldest events and is told how many (``dropped``), it never slows the bridge down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+from ..models import Event
+from ..store import Store
+
+log = logging.getLogger("twivapi.bridge")
+
+
+class Subscription:
+    def __init__(self, maxsize: int):
+        self.queue: asyncio.Queue[Event] = asyncio.Queue(maxsize)
+        self.dropped = 0
+
+    def offer(self, event: Event) -> None:
+        if self.queue.full():
+            self.queue.get_nowait()
+            self.dropped += 1
+        self.queue.put_nowait(event)
+
+
+class Recorder:
+    def __init__(self, store: Store, instance: str = "local"):
+        self.store = store
+        self.instance = instance
+        self._subscribers: set[Subscription] = set()
+        self.counters: dict[str, int] = {}
+
+    async def record(self, type_: str, call_sid: str | None = None, *, received_at: float | None = None,
+                     **data: Any) -> Event:
+        """Append durably, then publish. Returns the event (with its seq)."""
+        event = Event(type=type_, call_sid=call_sid, data=data, received_at=received_at or time.time())
+        await self.store.append(event)
+        self.publish(event)
+        return event
+
+    def publish(self, event: Event) -> None:
+        self.counters[event.type] = self.counters.get(event.type, 0) + 1
+        for subscriber in self._subscribers:
+            subscriber.offer(event)
+
+    async def mark(self, event: Event, *, acked: bool = False, processed: bool = False) -> None:
+        now = time.time()
+        if acked:
+            event.acked_at = now
+        if processed:
+            event.processed_at = now
+        await self.store.mark(event.seq, acked_at=now if acked else None, processed_at=now if processed else None)
+
+    def subscribe(self, maxsize: int = 10_000) -> Subscription:
+        subscription = Subscription(maxsize)
+        self._subscribers.add(subscription)
+        return subscription
+
+    def unsubscribe(self, subscription: Subscription) -> None:
+        self._subscribers.discard(subscription)
+
+    def count(self, name: str, n: int = 1) -> None:
+        self.counters[name] = self.counters.get(name, 0) + n

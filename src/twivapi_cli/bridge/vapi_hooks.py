@@ -1,0 +1,160 @@
+"""Vapi server-URL messages: authenticate, acknowledge at once, process in order per call.
+
+Messages that need an answer (assistant-request, tool-calls, and the other request types) are
+answered inline, well inside Vapi's deadlines. Everything else is acknowledged with ``{}`` and
+queued on the call's FIFO; a message for a call whose session does not exist yet is parked until
+it does (the seed's race), within bounds.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from .. import signing
+from ..models import CallState
+from .http import HttpError, read_body
+
+log = logging.getLogger("twivapi.bridge")
+
+# Every ServerMessage type in the spec (reference/vapi.md §2.2) plus enum-only names.
+KNOWN_TYPES = frozenset({
+    "assistant-request", "tool-calls", "function-call", "transfer-destination-request",
+    "handoff-destination-request", "knowledge-base-request", "voice-request", "call.endpointing.request",
+    "campaign.predial", "status-update", "speech-update", "transcript", "transcript[transcriptType=\"final\"]",
+    "conversation-update", "model-output", "user-interrupted", "hang", "end-of-call-report", "transfer-update",
+    "phone-call-control", "language-change-detected", "language-changed", "voice-input",
+    "assistant.speechStarted", "assistant.started", "chat.created", "chat.deleted", "session.created",
+    "session.updated", "session.deleted", "call.deleted", "call.delete.failed", "call.artifact.upload",
+})
+
+
+def parse_message(body: bytes) -> dict:
+    try:
+        data = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        raise HttpError(400, "malformed_json", "body is not valid JSON") from None
+    message = data.get("message") if isinstance(data, dict) else None
+    if not isinstance(message, dict) or not isinstance(message.get("type"), str):
+        raise HttpError(400, "invalid_envelope", 'expected {"message": {"type": ...}}')
+    if message["type"] not in KNOWN_TYPES:
+        raise HttpError(400, "unknown_message_type", f"unknown message type {message['type'][:60]!r}")
+    if message.get("call") is not None and not isinstance(message["call"], dict):
+        raise HttpError(400, "invalid_field", "message.call must be an object")
+    return message
+
+
+def call_ids(message: dict) -> tuple[str | None, str | None]:
+    """(Twilio CallSid, Vapi call id). The CallSid is call.phoneCallProviderId, or the metadata we
+    set on POST /call for WebSocket-transport calls."""
+    call = message.get("call") or {}
+    metadata = call.get("metadata") if isinstance(call.get("metadata"), dict) else {}
+    call_sid = call.get("phoneCallProviderId") or metadata.get("twilioCallSid")
+    vapi_id = call.get("id")
+    return (str(call_sid) if call_sid else None, str(vapi_id) if vapi_id else None)
+
+
+def _summary(message: dict) -> dict[str, Any]:
+    keys = ("status", "role", "turn", "transcriptType", "endedReason", "turnId")
+    return {k: message[k] for k in keys if k in message and isinstance(message[k], (str, int, float))}
+
+
+async def webhook(request: Request) -> Response:
+    received = time.time()
+    app = request.app.state
+    body = await read_body(request)
+    ok, how = signing.verify_vapi(app.settings.vapi_webhook_secret.reveal(), request.headers, body)
+    if not ok:
+        log.warning("403 /vapi/webhook: %s", how)
+        raise HttpError(403, "bad_signature", "Vapi webhook credential is missing or invalid")
+    message = parse_message(body)
+    kind = message["type"]
+    call_sid, vapi_id = call_ids(message)
+    event = await app.recorder.record(f"vapi.{kind}", call_sid, received_at=received, vapi_call_id=vapi_id,
+                                      **_summary(message))
+    reply = await _answer(request, kind, message)
+    await app.recorder.mark(event, acked=True)
+    if reply is None:
+        await _dispatch(request, message, call_sid, vapi_id, event)
+        reply = {}
+    return JSONResponse(reply)
+
+
+async def _answer(request: Request, kind: str, message: dict) -> dict | None:
+    """Replies for the request-type messages; None for informational ones."""
+    app = request.app.state
+    if kind == "assistant-request":
+        if app.settings.vapi_assistant_id:
+            return {"assistantId": app.settings.vapi_assistant_id}
+        return {"error": "No assistant is configured on this bridge (set VAPI_ASSISTANT_ID)."}
+    if kind in ("tool-calls", "function-call"):
+        if kind == "function-call":
+            call = message.get("functionCall") or {}
+            result = await app.tools.run_one({"id": "", "function": {
+                "name": call.get("name", ""), "arguments": call.get("parameters", {})}})
+            return {"result": result.get("result", result.get("error"))}
+        return await app.tools.run(message)
+    if kind == "transfer-destination-request":
+        return {"error": "No transfer destination is configured on this bridge."}
+    if kind in ("handoff-destination-request", "knowledge-base-request", "call.endpointing.request"):
+        return {}
+    if kind == "campaign.predial":
+        return {"eligible": True}
+    return None
+
+
+async def _dispatch(request: Request, message: dict, call_sid: str | None, vapi_id: str | None, event) -> None:
+    app = request.app.state
+    session = None
+    if call_sid:
+        session = await app.store.get_session(call_sid)
+    if session is None and vapi_id:
+        session = await app.store.find_session(vapi_call_id=vapi_id)
+
+    async def job() -> None:
+        await process(app, message, call_sid or vapi_id)
+        await app.recorder.mark(event, processed=True)
+
+    if session is not None:
+        app.registry.submit(session.call_sid, job)
+        return
+    key = call_sid or vapi_id
+    if key is None:
+        await app.recorder.mark(event, processed=True)  # not about a call: nothing to apply
+    elif app.registry.park(key, job):
+        await app.recorder.record("vapi.parked", call_sid, key=key, type=message["type"])
+
+
+async def process(app, message: dict, key: str) -> None:
+    """Apply one message to its call (runs on the call's FIFO, one at a time)."""
+    call_sid, vapi_id = call_ids(message)
+    session = (await app.store.get_session(call_sid)) if call_sid else None
+    if session is None and vapi_id:
+        session = await app.store.find_session(vapi_call_id=vapi_id)
+    if session is None:
+        return
+    kind = message["type"]
+    sid = session.call_sid
+    if kind == "status-update":
+        status = message.get("status")
+        if status == "in-progress" and session.state in (CallState.READY, CallState.SETTING_UP):
+            await app.registry.move(sid, CallState.ACTIVE)
+        elif status == "ended":
+            await app.registry.end(sid, str(message.get("endedReason") or "vapi-ended"))
+    elif kind == "end-of-call-report":
+        metrics = ((message.get("artifact") or {}).get("performanceMetrics") or {})
+        await app.recorder.record("vapi.report", sid, ended_reason=message.get("endedReason"),
+                                  turn_latency_avg=metrics.get("turnLatencyAverage"))
+        await app.registry.end(sid, str(message.get("endedReason") or "end-of-call-report"))
+    elif kind == "user-interrupted" or (kind == "speech-update" and message.get("role") == "user"
+                                         and message.get("status") == "started"):
+        await app.registry.signal(sid, "interrupt", {"source": "webhook", "type": kind,
+                                                     "turn": message.get("turn"), "at": time.time()})
+    elif kind == "speech-update":
+        await app.registry.signal(sid, "speech", {"role": message.get("role"), "status": message.get("status"),
+                                                  "source": "webhook", "at": time.time()})

@@ -1,0 +1,189 @@
+"""SQLite store: the embedded default for one bridge instance.
+
+Reads are served from memory (``MemoryStore``); every change is also written by one writer thread
+that batches whatever is waiting into a single transaction (group commit, WAL). A caller that
+changes state awaits its batch's commit, so an acknowledged webhook survives SIGKILL, while a
+thousand concurrent webhooks cost a handful of commits rather than a thousand. On open, live
+sessions, idempotency keys and the event sequence are loaded back from the file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import queue
+import sqlite3
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from ..errors import StoreError
+from ..models import Event, Session
+from .memory import MemoryStore
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS sessions (call_sid TEXT PRIMARY KEY, state TEXT NOT NULL, data TEXT NOT NULL,
+                                     updated_at REAL NOT NULL);
+CREATE INDEX IF NOT EXISTS sessions_state ON sessions(state);
+CREATE TABLE IF NOT EXISTS claims (key TEXT PRIMARY KEY, expires_at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS events (seq INTEGER PRIMARY KEY, call_sid TEXT, type TEXT NOT NULL,
+                                   data TEXT NOT NULL, received_at REAL NOT NULL, acked_at REAL,
+                                   processed_at REAL);
+CREATE INDEX IF NOT EXISTS events_call ON events(call_sid, seq);
+"""
+BATCH_MAX = 2000
+_STOP = object()
+
+
+class SQLiteStore(MemoryStore):
+    name = "sqlite"
+
+    def __init__(self, path: str | Path):
+        super().__init__()
+        self.path = Path(path)
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._error: BaseException | None = None
+
+    # --- lifecycle ------------------------------------------------------------------------------
+    async def open(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            conn = self._connect()
+            self._load(conn)
+        except (sqlite3.Error, OSError) as exc:
+            raise StoreError(f"cannot open SQLite store {self.path}: {exc}",
+                             hint="check TWIVAPI_STORE / --store and that the directory is writable") from None
+        self._thread = threading.Thread(target=self._writer, args=(conn,), name="twivapi-sqlite", daemon=True)
+        self._thread.start()
+
+    async def close(self) -> None:
+        if self._thread:
+            self._queue.put(_STOP)
+            await asyncio.to_thread(self._thread.join, 10)
+            self._thread = None
+
+    async def health(self) -> dict[str, Any]:
+        ok = self._error is None and self._thread is not None and self._thread.is_alive()
+        result: dict[str, Any] = {"store": self.name, "ok": ok}
+        if self._error is not None:
+            result["error"] = type(self._error).__name__
+        return result
+
+    def _connect(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=5)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable across process crashes
+        conn.executescript(SCHEMA)
+        return conn
+
+    def _load(self, conn: sqlite3.Connection) -> None:
+        for (data,) in conn.execute("SELECT data FROM sessions WHERE state NOT IN ('ended', 'failed')"):
+            session = Session.from_dict(json.loads(data))
+            self._sessions[session.call_sid] = session
+            self._index(session)
+        now = time.time()
+        self._claims = dict(conn.execute("SELECT key, expires_at FROM claims WHERE expires_at > ?", (now,)))
+        self._seq = conn.execute("SELECT COALESCE(MAX(seq), 0) FROM events").fetchone()[0]
+        rows = conn.execute("SELECT seq, call_sid, type, data, received_at, acked_at, processed_at FROM events "
+                            "ORDER BY seq DESC LIMIT 5000").fetchall()
+        for seq, call_sid, type_, data, received, acked, processed in reversed(rows):
+            self._events.append(Event(type=type_, call_sid=call_sid, data=json.loads(data), received_at=received,
+                                      acked_at=acked, processed_at=processed, seq=seq))
+
+    # --- persistence hooks ----------------------------------------------------------------------
+    async def _persist(self, kind: str, payload: Any) -> None:
+        future = self._loop.create_future()
+        self._queue.put((kind, self._row(kind, payload), future))
+        await future
+
+    async def _persist_mark(self, seq: int, acked_at: float | None, processed_at: float | None) -> None:
+        self._queue.put(("mark", (acked_at, processed_at, seq), None))
+
+    @staticmethod
+    def _row(kind: str, payload: Any) -> tuple:
+        if kind == "session":
+            return (payload.call_sid, payload.state.value, json.dumps(payload.to_dict()), payload.updated_at)
+        if kind == "claim":
+            return payload
+        return (payload.seq, payload.call_sid, payload.type, json.dumps(payload.data, default=str),
+                payload.received_at, payload.acked_at, payload.processed_at)
+
+    async def events(self, after_seq: int = 0, *, call_sid: str | None = None, limit: int = 1000) -> list[Event]:
+        oldest = self._events[0].seq if self._events else self._seq + 1
+        if after_seq + 1 >= oldest:
+            return await super().events(after_seq, call_sid=call_sid, limit=limit)
+        return await asyncio.to_thread(self._read_events, after_seq, call_sid, limit)
+
+    def _read_events(self, after_seq: int, call_sid: str | None, limit: int) -> list[Event]:
+        conn = sqlite3.connect(self.path, timeout=5)
+        try:
+            sql = "SELECT seq, call_sid, type, data, received_at, acked_at, processed_at FROM events WHERE seq > ?"
+            args: list[Any] = [after_seq]
+            if call_sid:
+                sql += " AND call_sid = ?"
+                args.append(call_sid)
+            rows = conn.execute(sql + " ORDER BY seq LIMIT ?", (*args, limit)).fetchall()
+        finally:
+            conn.close()
+        return [Event(type=t, call_sid=c, data=json.loads(d), received_at=r, acked_at=a, processed_at=p, seq=s)
+                for s, c, t, d, r, a, p in rows]
+
+    # --- the writer thread ----------------------------------------------------------------------
+    _SQL = {
+        "session": "INSERT INTO sessions (call_sid, state, data, updated_at) VALUES (?, ?, ?, ?) "
+                   "ON CONFLICT(call_sid) DO UPDATE SET state=excluded.state, data=excluded.data, "
+                   "updated_at=excluded.updated_at",
+        "claim": "INSERT OR REPLACE INTO claims (key, expires_at) VALUES (?, ?)",
+        "event": "INSERT INTO events (seq, call_sid, type, data, received_at, acked_at, processed_at) "
+                 "VALUES (?, ?, ?, ?, ?, ?, ?)",
+        "mark": "UPDATE events SET acked_at = COALESCE(?, acked_at), processed_at = COALESCE(?, processed_at) "
+                "WHERE seq = ?",
+    }
+
+    def _writer(self, conn: sqlite3.Connection) -> None:
+        stop = False
+        while not stop:
+            batch = [self._queue.get()]
+            while len(batch) < BATCH_MAX:
+                try:
+                    batch.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            if _STOP in batch:
+                stop = True
+                batch = [item for item in batch if item is not _STOP]
+            error = self._commit(conn, batch)
+            futures = [item[2] for item in batch if item[2] is not None]
+            if futures:
+                self._loop.call_soon_threadsafe(_settle, futures, error)
+        conn.close()
+
+    def _commit(self, conn: sqlite3.Connection, batch: list) -> BaseException | None:
+        try:
+            conn.execute("BEGIN")
+            for kind, row, _ in batch:
+                conn.execute(self._SQL[kind], row)
+            conn.execute("COMMIT")
+            self._error = None
+            return None
+        except (sqlite3.Error, OSError) as exc:  # disk full, locked: report, keep serving reads
+            self._error = exc
+            try:
+                conn.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass
+            return exc
+
+
+def _settle(futures: list[asyncio.Future], error: BaseException | None) -> None:
+    for future in futures:
+        if future.done():
+            continue
+        if error is None:
+            future.set_result(None)
+        else:
+            future.set_exception(StoreError(f"SQLite write failed: {error}"))

@@ -1,0 +1,130 @@
+"""Vapi REST client (httpx): assistants, phone numbers, calls. Errors become ``VapiApiError``.
+
+Takes an ``httpx.AsyncClient`` (or builds one), so tests and the demo point it at the simulator by
+base URL, never by patching. NestJS-style error bodies (``message`` str or list, ``error``,
+``statusCode``) are turned into one readable line; the API key never appears in it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+
+from .errors import VapiApiError
+
+MULAW_8K = {"format": "mulaw", "container": "raw", "sampleRate": 8000}
+PCM16_16K = {"format": "pcm_s16le", "container": "raw", "sampleRate": 16000}
+AUDIO_FORMATS = {"mulaw-8k": MULAW_8K, "pcm16-16k": PCM16_16K}
+
+
+def _error_text(response: httpx.Response) -> str:
+    try:
+        body = response.json()
+    except ValueError:
+        return f"HTTP {response.status_code} (non-JSON body)"
+    if isinstance(body, dict):
+        message = body.get("message", body.get("error", ""))
+        if isinstance(message, list):
+            message = "; ".join(str(m) for m in message)
+        return f"HTTP {response.status_code}: {message}"
+    return f"HTTP {response.status_code}"
+
+
+class VapiClient:
+    def __init__(self, base_url: str, api_key: str, *, client: httpx.AsyncClient | None = None,
+                 timeout: float = 10.0, max_connections: int = 100):
+        self.base_url = base_url.rstrip("/")
+        self._client = client or httpx.AsyncClient(
+            base_url=self.base_url, timeout=timeout,
+            limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections))
+        self._headers = {"Authorization": f"Bearer {api_key}"}
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+    async def request(self, method: str, path: str, *, json: Any = None, params: dict | None = None,
+                      timeout: float | None = None) -> Any:
+        kwargs: dict[str, Any] = {"json": json, "params": params, "headers": self._headers}
+        if timeout is not None:
+            kwargs["timeout"] = timeout
+        try:
+            response = await self._client.request(method, path, **kwargs)
+        except httpx.TimeoutException:
+            raise VapiApiError(f"Vapi {method} {path} timed out", hint="Vapi is slow or VAPI_BASE_URL is wrong") from None
+        except httpx.HTTPError as exc:
+            raise VapiApiError(f"Vapi {method} {path} failed: {type(exc).__name__}",
+                               hint=f"is VAPI_BASE_URL ({self.base_url}) reachable?") from None
+        if response.status_code >= 400:
+            hint = "check VAPI_API_KEY" if response.status_code == 401 else None
+            raise VapiApiError(f"Vapi {method} {path}: {_error_text(response)}", status=response.status_code,
+                               hint=hint)
+        if response.status_code == 204 or not response.content:
+            return None
+        try:
+            return response.json()
+        except ValueError:
+            raise VapiApiError(f"Vapi {method} {path} answered {response.status_code} with a non-JSON body",
+                               status=response.status_code) from None
+
+    # --- calls ----------------------------------------------------------------------------------
+    async def create_websocket_call(self, assistant_id: str, audio_format: str = "mulaw-8k", *,
+                                    metadata: dict | None = None, timeout: float | None = None) -> dict:
+        body = {"assistantId": assistant_id,
+                "transport": {"provider": "vapi.websocket", "audioFormat": AUDIO_FORMATS[audio_format]}}
+        if metadata:
+            body["metadata"] = metadata
+        call = await self.request("POST", "/call", json=body, timeout=timeout)
+        if not isinstance(call, dict) or not call.get("id"):
+            raise VapiApiError("Vapi POST /call answered without a call id")
+        return call
+
+    async def create_bypass_call(self, assistant_id: str, phone_number_id: str, customer_number: str, *,
+                                 metadata: dict | None = None, timeout: float | None = None) -> dict:
+        body = {"assistantId": assistant_id, "phoneNumberId": phone_number_id,
+                "phoneCallProviderBypassEnabled": True, "customer": {"number": customer_number}}
+        if metadata:
+            body["metadata"] = metadata
+        call = await self.request("POST", "/call", json=body, timeout=timeout)
+        twiml = (call or {}).get("phoneCallProviderDetails", {}).get("twiml") if isinstance(call, dict) else None
+        if not twiml:
+            raise VapiApiError("Vapi POST /call (bypass) answered without phoneCallProviderDetails.twiml")
+        return call
+
+    async def get_call(self, call_id: str) -> dict:
+        return await self.request("GET", f"/call/{call_id}")
+
+    async def end_call(self, call: dict) -> None:
+        """End a live call through Live Call Control (never DELETE /call: that erases data)."""
+        control_url = (call.get("monitor") or {}).get("controlUrl")
+        if not control_url:
+            return
+        await self.request("POST", control_url, json={"type": "end-call"})
+
+    # --- assistants and numbers -----------------------------------------------------------------
+    async def list_assistants(self) -> list[dict]:
+        return await self.request("GET", "/assistant", params={"limit": 1000}) or []
+
+    async def create_assistant(self, body: dict) -> dict:
+        return await self.request("POST", "/assistant", json=body)
+
+    async def update_assistant(self, assistant_id: str, body: dict) -> dict:
+        return await self.request("PATCH", f"/assistant/{assistant_id}", json=body)
+
+    async def get_assistant(self, assistant_id: str) -> dict:
+        return await self.request("GET", f"/assistant/{assistant_id}")
+
+    async def delete_assistant(self, assistant_id: str) -> None:
+        await self.request("DELETE", f"/assistant/{assistant_id}")
+
+    async def list_phone_numbers(self) -> list[dict]:
+        return await self.request("GET", "/phone-number", params={"limit": 1000}) or []
+
+    async def import_twilio_number(self, body: dict) -> dict:
+        return await self.request("POST", "/phone-number", json={"provider": "twilio", **body})
+
+    async def update_phone_number(self, number_id: str, body: dict) -> dict:
+        return await self.request("PATCH", f"/phone-number/{number_id}", json=body)
+
+    async def delete_phone_number(self, number_id: str) -> None:
+        await self.request("DELETE", f"/phone-number/{number_id}")
