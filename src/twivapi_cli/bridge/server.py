@@ -53,6 +53,11 @@ class RunningServer:
     thread: threading.Thread
     host: str
     port: int
+    loop: asyncio.AbstractEventLoop | None = None
+
+    def run(self, coroutine_factory, timeout: float = 10):
+        """Run a coroutine on the server's own event loop (e.g. read its store from a test)."""
+        return asyncio.run_coroutine_threadsafe(coroutine_factory(), self.loop).result(timeout)
 
     @property
     def url(self) -> str:
@@ -71,8 +76,14 @@ def start_in_thread(app, host: str = "127.0.0.1", port: int = 0, log_level: str 
     server = uvicorn.Server(_config(app, host, sock.getsockname()[1], log_level))
     server.install_signal_handlers = lambda: None  # only the main thread may; harmless elsewhere
 
+    loops: list[asyncio.AbstractEventLoop] = []
+
+    async def main() -> None:
+        loops.append(asyncio.get_running_loop())
+        await server.serve(sockets=[sock])
+
     def run() -> None:
-        asyncio.run(server.serve(sockets=[sock]))
+        asyncio.run(main())
 
     thread = threading.Thread(target=run, name=f"uvicorn-{sock.getsockname()[1]}", daemon=True)
     thread.start()
@@ -81,4 +92,4 @@ def start_in_thread(app, host: str = "127.0.0.1", port: int = 0, log_level: str 
         if not thread.is_alive() or time.monotonic() > deadline:
             raise TwivapiError("server failed to start")
         time.sleep(0.01)
-    return RunningServer(server, thread, host, sock.getsockname()[1])
+    return RunningServer(server, thread, host, sock.getsockname()[1], loops[0])
