@@ -60,7 +60,7 @@ def _public_url(value: str) -> str:
     parts = urlsplit(value)
     if parts.username or parts.password:
         raise ValueError("must not carry user:password@ (Twilio drops credentials when signing)")
-    if parts.hostname and parts.hostname != parts.hostname.lower():
+    if parts.netloc != parts.netloc.lower():
         raise ValueError("host must be lowercase (Twilio signs the lowercase host)")
     return value
 
@@ -198,8 +198,9 @@ def _cast(setting: Setting, raw: Any, source: str) -> Any:
         try:
             value = setting.cast(raw.strip())
         except (ValueError, TypeError) as exc:
-            shown = "(hidden)" if setting.secret else repr(raw)
-            raise ConfigError(f"{setting.env} {shown} from {source} {exc}",
+            # a cast error may quote the value: never show it for a secret
+            detail = "is malformed" if setting.secret else f"{raw!r} {exc}"
+            raise ConfigError(f"{setting.env} from {source}: {detail}",
                               hint=f"fix {setting.env} in the environment or .env") from None
     return Secret(value) if setting.secret and not isinstance(value, Secret) else value
 

@@ -21,6 +21,7 @@ def register(app: typer.Typer) -> None:
         with errors_to_exit():
             if table:
                 for env, default, text in settings_table():
+                    text = text.replace("|", "\\|")  # keep Markdown table cells intact
                     typer.echo(f"| `{env}` | `{default}` | {text} |" if default else f"| `{env}` | | {text} |")
                 return
             settings = load({}, env_file)

@@ -39,9 +39,10 @@ _STOP = object()
 class SQLiteStore(MemoryStore):
     name = "sqlite"
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, *, busy_timeout: float = 5.0):
         super().__init__()
         self.path = Path(path)
+        self.busy_timeout = busy_timeout
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -74,7 +75,8 @@ class SQLiteStore(MemoryStore):
         return result
 
     def _connect(self) -> sqlite3.Connection:
-        conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=5)
+        conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None,
+                               timeout=self.busy_timeout)
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable across process crashes
         conn.executescript(SCHEMA)

@@ -1,0 +1,118 @@
+"""Test helpers shared by the bridge tests: a bridge on real uvicorn, signed requests."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import uuid
+from dataclasses import dataclass
+from typing import Iterator
+
+import httpx
+
+from twivapi_cli import signing
+from twivapi_cli.bridge.app import create_app
+from twivapi_cli.bridge.server import RunningServer, start_in_thread
+from twivapi_cli.config import Settings, load_settings
+from twivapi_cli.vapi_api import VapiClient
+
+TOKEN = "test-auth-token-0123456789abcdef"
+VAPI_SECRET = "test-vapi-webhook-secret"
+VAPI_KEY = "test-vapi-key"
+PUBLIC = "https://bridge.example.test"
+
+
+def new_call_sid() -> str:
+    return "CA" + uuid.uuid4().hex
+
+
+def bridge_settings(vapi_url: str, **extra: str) -> Settings:
+    env = {"TWILIO_AUTH_TOKEN": TOKEN, "VAPI_API_KEY": VAPI_KEY, "VAPI_WEBHOOK_SECRET": VAPI_SECRET,
+           "VAPI_ASSISTANT_ID": "asst-test", "VAPI_PHONE_NUMBER_ID": "pn-test", "TWIVAPI_PUBLIC_URL": PUBLIC,
+           "VAPI_BASE_URL": vapi_url, **extra}
+    return load_settings({}, environ=env, env_file=None)
+
+
+@dataclass
+class Bridge:
+    server: RunningServer
+    app: object
+    settings: Settings
+
+    @property
+    def url(self) -> str:
+        return self.server.url
+
+    def twilio(self, path: str, params: dict, *, signed_url: str | None = None, headers: dict | None = None,
+               token: str = TOKEN) -> httpx.Response:
+        sig = signing.twilio_signature(token, signed_url or PUBLIC + path, params)
+        return httpx.post(self.url + path, data=params, headers={"X-Twilio-Signature": sig, **(headers or {})})
+
+    def voice(self, call_sid: str, **params: str) -> httpx.Response:
+        return self.twilio("/twilio/voice", {"CallSid": call_sid, "From": "+15551112222", "To": "+15553334444",
+                                             "CallStatus": "ringing", "Direction": "inbound", **params})
+
+    def status(self, call_sid: str, status: str, sequence: int | None = None, **headers: str) -> httpx.Response:
+        params = {"CallSid": call_sid, "CallStatus": status}
+        if sequence is not None:
+            params["SequenceNumber"] = str(sequence)
+        return self.twilio("/twilio/status", params, headers=headers)
+
+    def vapi(self, message: dict, mode: str = "secret", secret: str = VAPI_SECRET) -> httpx.Response:
+        body = json.dumps({"message": message}).encode()
+        headers = {"content-type": "application/json", **signing.sign_vapi(secret, body, mode)}
+        return httpx.post(self.url + "/vapi/webhook", content=body, headers=headers)
+
+    def session(self, call_sid: str):
+        return self.server.run(lambda: self.app.state.store.get_session(call_sid))
+
+    def events(self, call_sid: str | None = None):
+        return self.server.run(lambda: self.app.state.store.events(0, call_sid=call_sid, limit=10_000))
+
+
+@contextlib.contextmanager
+def running_bridge(settings: Settings, store, **options) -> Iterator[Bridge]:
+    vapi = VapiClient(settings.vapi_base_url, settings.vapi_api_key.reveal())
+    app = create_app(settings, store, vapi, **options)
+    server = start_in_thread(app)
+    try:
+        yield Bridge(server, app, settings)
+    finally:
+        server.stop()
+
+
+def vapi_standin():
+    """A minimal Vapi REST stand-in (POST /call, control) with settable delay and failure; replaced by
+    the simulator where the simulator is available."""
+    import asyncio
+
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
+
+    state = {"delay": 0.0, "fail": None, "calls": [], "ended": []}
+
+    async def create(request: Request):
+        body = await request.json()
+        await asyncio.sleep(state["delay"])
+        if state["fail"]:
+            return JSONResponse({"message": "boom", "error": "Internal Server Error", "statusCode": state["fail"]},
+                                status_code=state["fail"])
+        call_id = uuid.uuid4().hex
+        state["calls"].append(body)
+        base = str(request.base_url).rstrip("/")
+        call = {"id": call_id, "status": "queued", "monitor": {"controlUrl": f"{base}/call/{call_id}/control"},
+                "transport": {"provider": "vapi.websocket", "websocketCallUrl": f"ws://x/{call_id}/transport"}}
+        if body.get("phoneCallProviderBypassEnabled"):
+            call["phoneCallProviderDetails"] = {"twiml": f"<Response><Connect><Stream url=\"wss://vapi/{call_id}\"/>"
+                                                         f"</Connect></Response>"}
+        return JSONResponse(call, status_code=201)
+
+    async def control(request: Request):
+        state["ended"].append(request.path_params["call_id"])
+        return JSONResponse({})
+
+    app = Starlette(routes=[Route("/call", create, methods=["POST"]),
+                            Route("/call/{call_id}/control", control, methods=["POST"])])
+    return app, state

@@ -1,0 +1,182 @@
+"""POST /vapi/webhook: authentication, replies, in-order processing per call, the parking race."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+
+import httpx
+import pytest
+
+from twivapi_cli.bridge.server import start_in_thread
+from twivapi_cli.models import CallState
+from twivapi_cli.store.memory import MemoryStore
+
+from .support import bridge_settings, new_call_sid, running_bridge, vapi_standin
+from .test_bridge_webhooks import wait_for
+
+
+@pytest.fixture(scope="module")
+def vapi():
+    app, state = vapi_standin()
+    server = start_in_thread(app)
+    yield server.url, state
+    server.stop()
+
+
+@pytest.fixture
+def bridge(vapi):
+    vapi[1].update(delay=0.0, fail=None)
+    with running_bridge(bridge_settings(vapi[0]), MemoryStore()) as b:
+        yield b
+
+
+def ready_call(bridge) -> tuple[str, str]:
+    sid = new_call_sid()
+    bridge.voice(sid)
+    session = wait_for(lambda: (s := bridge.session(sid)) and s.vapi_call_id and s)
+    return sid, session.vapi_call_id
+
+
+@pytest.mark.parametrize("mode", ["secret", "bearer", "hmac"])
+def test_each_vapi_credential_kind_is_accepted(bridge, mode):
+    response = bridge.vapi({"type": "hang", "call": {"id": "x"}}, mode=mode)
+    assert response.status_code == 200 and response.json() == {}
+
+
+@pytest.mark.parametrize("mode", ["secret", "bearer", "hmac", "none"])
+def test_wrong_or_missing_vapi_credential_is_403(bridge, mode):
+    response = bridge.vapi({"type": "hang"}, mode=mode, secret="not-the-secret")
+    assert response.status_code == 403
+
+
+def test_stale_hmac_timestamp_is_refused(bridge):
+    from twivapi_cli import signing
+    body = json.dumps({"message": {"type": "hang"}}).encode()
+    headers = signing.sign_vapi("test-vapi-webhook-secret", body, "hmac", timestamp=time.time() - 3600)
+    assert httpx.post(bridge.url + "/vapi/webhook", content=body, headers=headers).status_code == 403
+
+
+@pytest.mark.parametrize("body, code", [
+    (b"{not json", "malformed_json"),
+    (b'{"type": "status-update"}', "invalid_envelope"),
+    (b'{"message": {"type": "call-ended"}}', "unknown_message_type"),
+    (b'{"message": {"type": "hang", "call": "CA1"}}', "invalid_field"),
+    (b"[1, 2]", "invalid_envelope"),
+])
+def test_malformed_vapi_messages_are_400(bridge, body, code):
+    from twivapi_cli import signing
+    response = httpx.post(bridge.url + "/vapi/webhook", content=body,
+                          headers=signing.sign_vapi("test-vapi-webhook-secret", body))
+    assert response.status_code == 400 and response.json()["error"]["code"] == code
+
+
+def test_assistant_request_answers_the_configured_assistant(bridge):
+    response = bridge.vapi({"type": "assistant-request", "call": {"id": "c1", "phoneCallProviderId": new_call_sid()}})
+    assert response.json() == {"assistantId": "asst-test"}
+
+
+def test_tool_calls_are_dispatched_with_error_for_unknown_tools(bridge):
+    message = {"type": "tool-calls", "call": {"id": "c1"}, "toolCallList": [
+        {"id": "t1", "type": "function", "function": {"name": "lookup_order", "arguments": {"order_id": "A1"}}},
+        {"id": "t2", "type": "function", "function": {"name": "lookup_order", "arguments": '{"order_id": "B2"}'}},
+        {"id": "t3", "type": "function", "function": {"name": "launch_rocket", "arguments": {}}},
+        {"id": "t4", "type": "function", "function": {"name": "lookup_order", "arguments": {"order_id": "ZZ"}}},
+    ]}
+    results = bridge.vapi(message).json()["results"]
+    assert results[0] == {"toolCallId": "t1", "name": "lookup_order", "result": "order A1 is shipped"}
+    assert results[1]["result"] == "order B2 is processing"
+    assert results[2] == {"toolCallId": "t3", "name": "launch_rocket", "error": "unknown tool 'launch_rocket'"}
+    assert "no order 'ZZ'" in results[3]["error"]
+
+
+def test_status_update_ended_ends_the_session_once(bridge):
+    sid, vapi_id = ready_call(bridge)
+    for _ in range(2):
+        bridge.vapi({"type": "status-update", "status": "ended", "endedReason": "customer-ended-call",
+                     "call": {"id": vapi_id}})
+    wait_for(lambda: bridge.session(sid).state == CallState.ENDED)
+    assert bridge.session(sid).ended_reason == "customer-ended-call"
+    states = [e.data["state"] for e in bridge.events(sid) if e.type == "state"]
+    assert states.count("ended") == 1
+
+
+def test_messages_for_one_call_are_processed_in_arrival_order(bridge):
+    sid, vapi_id = ready_call(bridge)
+    seen: list[str] = []
+
+    async def listener(kind, data):
+        seen.append(data["status"])
+        await asyncio.sleep(0.01)  # slow processing must not reorder
+
+    bridge.server.run(lambda: _listen(bridge, sid, listener))
+    statuses = [f"s{i}" for i in range(30)]
+    for status in statuses:
+        bridge.vapi({"type": "speech-update", "role": "assistant", "status": status, "call": {"id": vapi_id}})
+    wait_for(lambda: len(seen) == 30)
+    assert seen == statuses
+
+
+async def _listen(bridge, sid, listener):
+    bridge.app.state.registry.listen(sid, listener)
+
+
+def test_message_before_session_exists_is_parked_then_applied(bridge):
+    sid = new_call_sid()
+    response = bridge.vapi({"type": "status-update", "status": "ended", "endedReason": "early",
+                            "call": {"id": uuid.uuid4().hex, "phoneCallProviderId": sid}})
+    assert response.status_code == 200
+    assert bridge.session(sid) is None
+    bridge.voice(sid)
+    wait_for(lambda: (s := bridge.session(sid)) and s.state == CallState.ENDED)
+    assert bridge.session(sid).ended_reason == "early"
+
+
+def test_message_with_unknown_vapi_id_waits_for_the_call_to_be_linked(vapi):
+    vapi[1].update(delay=0.4, fail=None)
+    with running_bridge(bridge_settings(vapi[0]), MemoryStore()) as b:
+        sid = new_call_sid()
+        b.voice(sid)
+        # Vapi's first message can beat POST /call's answer; here it names the call by metadata only.
+        b.vapi({"type": "status-update", "status": "in-progress",
+                "call": {"id": "unknown-yet", "metadata": {"twilioCallSid": sid}}})
+        wait_for(lambda: b.session(sid).state == CallState.ACTIVE, timeout=5)
+
+
+def test_interruption_on_the_webhook_reaches_the_media_listener(bridge):
+    sid, vapi_id = ready_call(bridge)
+    got: list[tuple[str, dict]] = []
+
+    async def listener(kind, data):
+        got.append((kind, data))
+
+    bridge.server.run(lambda: _listen(bridge, sid, listener))
+    bridge.vapi({"type": "user-interrupted", "turnId": "t1", "call": {"id": vapi_id}})
+    bridge.vapi({"type": "speech-update", "role": "user", "status": "started", "call": {"id": vapi_id}})
+    wait_for(lambda: len(got) == 2)
+    assert [k for k, _ in got] == ["interrupt", "interrupt"]
+
+
+def test_parked_messages_expire(bridge):
+    sid = new_call_sid()
+    bridge.vapi({"type": "hang", "call": {"phoneCallProviderId": sid}})
+    registry = bridge.app.state.registry
+    assert registry.stats()["parked_calls"] == 1
+    import twivapi_cli.bridge.sessions as sessions
+    original = sessions.PARK_TTL
+    sessions.PARK_TTL = 0.0
+    try:
+        bridge.server.run(lambda: registry.sweep())
+    finally:
+        sessions.PARK_TTL = original
+    assert registry.stats()["parked_calls"] == 0
+
+
+def test_sessions_that_never_end_expire_by_ttl(bridge):
+    sid, _ = ready_call(bridge)
+    registry = bridge.app.state.registry
+    expired = bridge.server.run(lambda: registry.sweep(now=time.time() + 5 * 3600))
+    assert expired >= 1
+    assert bridge.session(sid).state == CallState.ENDED and bridge.session(sid).ended_reason == "expired-ttl"

@@ -1,0 +1,272 @@
+"""The bridge's HTTP routes over real uvicorn, real HTTP and real SQLite."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+
+import httpx
+import pytest
+
+from twivapi_cli.bridge.server import start_in_thread
+from twivapi_cli.models import CallState
+from twivapi_cli.store.memory import MemoryStore
+from twivapi_cli.store.sqlite import SQLiteStore
+
+from .support import PUBLIC, TOKEN, bridge_settings, new_call_sid, running_bridge, vapi_standin
+
+
+@pytest.fixture(scope="module")
+def vapi():
+    app, state = vapi_standin()
+    server = start_in_thread(app)
+    yield server.url, state
+    server.stop()
+
+
+@pytest.fixture
+def vapi_state(vapi):
+    _, state = vapi
+    state.update(delay=0.0, fail=None)
+    return state
+
+
+def wait_for(predicate, timeout=5.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.02)
+    raise AssertionError("condition not met in time")
+
+
+@pytest.fixture
+def bridge(vapi, vapi_state, tmp_path):
+    with running_bridge(bridge_settings(vapi[0]), SQLiteStore(tmp_path / "b.db")) as b:
+        yield b
+
+
+def test_stream_mode_answers_connect_stream_and_creates_the_vapi_call(bridge, vapi_state):
+    sid = new_call_sid()
+    response = bridge.voice(sid)
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/xml")
+    assert '<Stream url="wss://bridge.example.test/twilio/media">' in response.text
+    assert f'<Parameter name="callSid" value="{sid}" />' in response.text
+    session = wait_for(lambda: (s := bridge.session(sid)) and s.state == CallState.READY and s)
+    assert session.vapi_call_id
+    created = [c for c in vapi_state["calls"] if c.get("metadata", {}).get("twilioCallSid") == sid]
+    assert created[0]["transport"]["audioFormat"] == {"format": "mulaw", "container": "raw", "sampleRate": 8000}
+
+
+def test_voice_webhook_answers_before_vapi_does(bridge, vapi_state):
+    vapi_state["delay"] = 1.0
+    sid = new_call_sid()
+    started = time.monotonic()
+    response = bridge.voice(sid)
+    assert response.status_code == 200 and "<Connect" in response.text
+    assert time.monotonic() - started < 0.8  # did not wait for the 1 s Vapi call
+    wait_for(lambda: bridge.session(sid).state == CallState.READY)
+
+
+def test_bad_signature_is_403_with_reason_logged_and_never_the_expected_signature(bridge, caplog):
+    sid = new_call_sid()
+    with caplog.at_level(logging.WARNING, "twivapi.bridge"):
+        response = bridge.twilio("/twilio/voice", {"CallSid": sid}, token="wrong-token")
+    assert response.status_code == 403
+    assert response.json()["error"]["code"] == "bad_signature"
+    assert "wrong TWILIO_AUTH_TOKEN" in caplog.text
+    assert bridge.session(sid) is None
+
+
+def test_missing_signature_is_403(bridge):
+    response = httpx.post(bridge.url + "/twilio/voice", data={"CallSid": new_call_sid()})
+    assert response.status_code == 403
+
+
+def test_url_mismatch_is_diagnosed_but_still_refused(bridge, caplog):
+    sid = new_call_sid()
+    local_url = bridge.url + "/twilio/voice"  # what a naive app would validate against
+    with caplog.at_level(logging.WARNING, "twivapi.bridge"):
+        response = bridge.twilio("/twilio/voice", {"CallSid": sid}, signed_url=local_url)
+    assert response.status_code == 403
+    assert f"signature is valid for {local_url}" in caplog.text
+    assert "TWIVAPI_PUBLIC_URL" in caplog.text
+
+
+def test_forwarded_host_mismatch_is_diagnosed(bridge, caplog):
+    params = {"CallSid": new_call_sid()}
+    with caplog.at_level(logging.WARNING, "twivapi.bridge"):
+        response = bridge.twilio("/twilio/voice", params, signed_url="https://other.ngrok.app/twilio/voice",
+                                 headers={"X-Forwarded-Host": "other.ngrok.app", "X-Forwarded-Proto": "https"})
+    assert response.status_code == 403
+    assert "valid for https://other.ngrok.app/twilio/voice" in caplog.text
+
+
+def test_json_body_with_body_sha256_is_accepted(bridge):
+    from twivapi_cli import signing
+
+    sid = new_call_sid()
+    body = json.dumps({"CallSid": sid, "From": "+15550001111"}).encode()
+    url, sig = signing.sign_twilio_json(TOKEN, PUBLIC + "/twilio/voice", body)
+    path_qs = url[len(PUBLIC):]
+    ok = httpx.post(bridge.url + path_qs, content=body,
+                    headers={"X-Twilio-Signature": sig, "content-type": "application/json"})
+    assert ok.status_code == 200 and "<Connect" in ok.text
+    tampered = httpx.post(bridge.url + path_qs, content=body.replace(b"+1555", b"+1666"),
+                          headers={"X-Twilio-Signature": sig, "content-type": "application/json"})
+    assert tampered.status_code == 403
+
+
+@pytest.mark.parametrize("params, code", [
+    ({"From": "+1555"}, "missing_field"),
+    ({"CallSid": "not-a-sid"}, "invalid_field"),
+])
+def test_malformed_voice_webhooks_are_4xx(bridge, params, code):
+    response = bridge.twilio("/twilio/voice", params)
+    assert response.status_code == 400
+    assert response.json()["error"]["code"] == code
+
+
+def test_oversized_and_non_utf8_bodies_are_4xx(bridge):
+    huge = httpx.post(bridge.url + "/twilio/voice", content=b"a=" + b"x" * (1024 * 1024 + 10),
+                      headers={"content-type": "application/x-www-form-urlencoded"})
+    assert huge.status_code == 413
+    garbage = httpx.post(bridge.url + "/twilio/voice", content=b"\xff\xfe=\x80",
+                         headers={"content-type": "application/x-www-form-urlencoded"})
+    assert garbage.status_code == 400
+    assert bridge.url and httpx.get(bridge.url + "/health").status_code == 200
+
+
+def test_status_completed_ends_session_and_closes_vapi_side(bridge, vapi_state):
+    sid = new_call_sid()
+    bridge.voice(sid)
+    session = wait_for(lambda: (s := bridge.session(sid)) and s.state == CallState.READY and s)
+    assert bridge.status(sid, "completed").status_code == 204
+    ended = bridge.session(sid)
+    assert ended.state == CallState.ENDED and ended.ended_reason == "twilio-completed"
+    wait_for(lambda: session.vapi_call_id in vapi_state["ended"])
+
+
+@pytest.mark.parametrize("status", ["busy", "no-answer", "canceled", "failed"])
+def test_every_terminal_status_ends_the_session(bridge, status):
+    sid = new_call_sid()
+    bridge.voice(sid)
+    bridge.status(sid, status)
+    assert bridge.session(sid).state == CallState.ENDED
+
+
+def test_out_of_order_status_callbacks_do_not_resurrect_a_call(bridge):
+    sid = new_call_sid()
+    bridge.voice(sid)
+    assert bridge.status(sid, "completed", sequence=3).status_code == 204
+    assert bridge.status(sid, "in-progress", sequence=1).status_code == 204
+    assert bridge.session(sid).state == CallState.ENDED
+    types = [e.type for e in bridge.events(sid)]
+    assert "twilio.status.stale" in types
+
+
+def test_retried_status_callback_is_processed_once(bridge):
+    sid = new_call_sid()
+    bridge.voice(sid)
+    token = "idem-" + sid
+    for _ in range(3):
+        assert bridge.status(sid, "completed", **{"I-Twilio-Idempotency-Token": token}).status_code == 204
+    types = [e.type for e in bridge.events(sid)]
+    assert types.count("twilio.status") == 1
+    assert types.count("twilio.status.duplicate") == 2
+    assert [e.data.get("state") for e in bridge.events(sid) if e.type == "state"].count("ended") == 1
+
+
+def test_hangup_before_vapi_is_ready_closes_the_late_vapi_call(bridge, vapi_state):
+    vapi_state["delay"] = 0.5
+    sid = new_call_sid()
+    bridge.voice(sid)
+    bridge.status(sid, "completed")  # caller hangs up while POST /call is in flight
+    events = wait_for(lambda: [e for e in bridge.events(sid) if e.type == "race.hangup-before-ready"])
+    vapi_id = events[0].data["vapi_call_id"]
+    wait_for(lambda: vapi_id in vapi_state["ended"])
+    assert bridge.session(sid).state == CallState.ENDED
+
+
+def test_vapi_failure_gives_failed_session_and_fallback_after_stream(bridge, vapi_state):
+    vapi_state["fail"] = 500
+    sid = new_call_sid()
+    bridge.voice(sid)
+    wait_for(lambda: bridge.session(sid).state == CallState.FAILED)
+    after = bridge.twilio("/twilio/after-stream", {"CallSid": sid})
+    assert "<Say>" in after.text and "<Hangup />" in after.text
+
+
+def test_concurrent_calls_do_not_share_state(bridge):
+    import concurrent.futures
+
+    sids = [new_call_sid() for _ in range(20)]
+    with concurrent.futures.ThreadPoolExecutor(10) as pool:
+        list(pool.map(bridge.voice, sids))
+    bridge.status(sids[0], "completed")
+    wait_for(lambda: all(bridge.session(s).state == CallState.READY for s in sids[1:]))
+    assert bridge.session(sids[0]).state == CallState.ENDED
+    vapi_ids = {bridge.session(s).vapi_call_id for s in sids[1:]}
+    assert len(vapi_ids) == len(sids) - 1
+
+
+def test_health_reports_active_sessions_without_call_data(bridge):
+    sid = new_call_sid()
+    bridge.voice(sid)
+    health = httpx.get(bridge.url + "/health").json()
+    assert health["status"] == "ok" and health["active_sessions"] >= 1
+    assert sid not in json.dumps(health) and TOKEN not in json.dumps(health)
+
+
+def test_unknown_route_and_method_use_the_json_error_shape(bridge):
+    assert httpx.get(bridge.url + "/nope").json() == {"error": {"code": "not_found", "message": "Not Found"}}
+    assert httpx.get(bridge.url + "/twilio/voice").json()["error"]["code"] == "method_not_allowed"
+
+
+# --- bypass and native modes --------------------------------------------------------------------
+
+def test_bypass_mode_returns_vapis_twiml(vapi, vapi_state, tmp_path):
+    settings = bridge_settings(vapi[0], TWIVAPI_MODE="bypass")
+    with running_bridge(settings, MemoryStore()) as b:
+        sid = new_call_sid()
+        response = b.voice(sid)
+        assert response.status_code == 200 and '<Stream url="wss://vapi/' in response.text
+        body = [c for c in vapi_state["calls"] if c.get("metadata", {}).get("twilioCallSid") == sid][0]
+        assert body["phoneCallProviderBypassEnabled"] is True and body["customer"] == {"number": "+15551112222"}
+        retry = b.voice(sid)  # Twilio's retry: same answer, no second Vapi call
+        assert retry.text == response.text
+        assert len([c for c in vapi_state["calls"] if c.get("metadata", {}).get("twilioCallSid") == sid]) == 1
+
+
+def test_bypass_mode_times_out_into_fallback(vapi, vapi_state):
+    vapi_state["delay"] = 2.0
+    settings = bridge_settings(vapi[0], TWIVAPI_MODE="bypass", TWIVAPI_BYPASS_TIMEOUT="0.3")
+    with running_bridge(settings, MemoryStore()) as b:
+        sid = new_call_sid()
+        started = time.monotonic()
+        response = b.voice(sid)
+        assert time.monotonic() - started < 1.5
+        assert response.status_code == 200 and "<Say>" in response.text and "<Hangup />" in response.text
+        assert b.session(sid).state == CallState.FAILED
+
+
+def test_native_mode_answers_a_notice(vapi):
+    with running_bridge(bridge_settings(vapi[0], TWIVAPI_MODE="native"), MemoryStore()) as b:
+        response = b.voice(new_call_sid())
+        assert response.status_code == 200 and "<Say>" in response.text and "<Connect" not in response.text
+
+
+def test_setup_queue_bound_answers_fallback_instead_of_queueing_forever(vapi, vapi_state):
+    vapi_state["delay"] = 1.0
+    settings = bridge_settings(vapi[0], TWIVAPI_SETUP_QUEUE_LIMIT="1")
+    with running_bridge(settings, MemoryStore()) as b:
+        import concurrent.futures
+        sids = [new_call_sid() for _ in range(80)]  # 64 workers busy + 1 queued, the rest refused
+        with concurrent.futures.ThreadPoolExecutor(20) as pool:
+            answers = list(pool.map(b.voice, sids))
+        fallbacks = [r for r in answers if "<Say>" in r.text]
+        assert fallbacks, "past the bound callers must get the fallback"
+        assert all(r.status_code == 200 for r in answers)

@@ -1,0 +1,145 @@
+"""The store contract, run against every store implementation."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+import pytest
+
+from twivapi_cli.models import CallState, Event, IllegalTransition, Session
+from twivapi_cli.store import open_store
+from twivapi_cli.store.memory import MemoryStore
+from twivapi_cli.store.sqlite import SQLiteStore
+
+
+@pytest.fixture(params=["memory", "sqlite"])
+async def store(request, tmp_path):
+    s = MemoryStore() if request.param == "memory" else SQLiteStore(tmp_path / "s.db")
+    await s.open()
+    yield s
+    await s.close()
+
+
+async def test_create_is_idempotent(store):
+    assert await store.create_session(Session("CA1", "stream"))
+    assert not await store.create_session(Session("CA1", "bypass"))
+    assert (await store.get_session("CA1")).mode == "stream"
+
+
+async def test_transitions_are_guarded(store):
+    await store.create_session(Session("CA1", "stream"))
+    await store.transition("CA1", CallState.SETTING_UP)
+    await store.transition("CA1", CallState.ENDED, reason="twilio-completed")
+    with pytest.raises(IllegalTransition):
+        await store.transition("CA1", CallState.ACTIVE)
+    session = await store.get_session("CA1")
+    assert session.state == CallState.ENDED and session.ended_reason == "twilio-completed"
+    with pytest.raises(KeyError):
+        await store.transition("CA-missing", CallState.ENDED)
+
+
+async def test_concurrent_transitions_only_one_wins(store):
+    await store.create_session(Session("CA1", "stream"))
+
+    async def end(reason):
+        try:
+            await store.transition("CA1", CallState.ENDED, reason=reason)
+            return reason
+        except IllegalTransition:
+            return None
+
+    winners = [w for w in await asyncio.gather(*(end(f"r{i}") for i in range(20))) if w]
+    assert len(winners) == 1
+    assert (await store.get_session("CA1")).ended_reason == winners[0]
+
+
+async def test_links_and_lookup(store):
+    await store.create_session(Session("CA1", "stream"))
+    await store.update_session("CA1", vapi_call_id="v1", stream_sid="MZ1")
+    assert (await store.find_session(vapi_call_id="v1")).call_sid == "CA1"
+    assert (await store.find_session(stream_sid="MZ1")).call_sid == "CA1"
+    assert await store.find_session(vapi_call_id="nope") is None
+
+
+async def test_status_sequence_only_moves_forward(store):
+    await store.create_session(Session("CA1", "stream"))
+    assert await store.apply_status_sequence("CA1", 2)
+    assert not await store.apply_status_sequence("CA1", 1)
+    assert not await store.apply_status_sequence("CA1", 2)
+    assert await store.apply_status_sequence("CA1", 3)
+
+
+async def test_claims_expire(store):
+    assert await store.claim("k", ttl=60)
+    assert not await store.claim("k", ttl=60)
+    assert await store.claim("short", ttl=0.01)
+    await asyncio.sleep(0.03)
+    assert await store.claim("short", ttl=60)
+
+
+async def test_event_log_orders_and_filters(store):
+    for i in range(5):
+        await store.append(Event(type="t", call_sid="CA1" if i % 2 else "CA2", data={"i": i}))
+    events = await store.events(0)
+    assert [e.seq for e in events] == [1, 2, 3, 4, 5]
+    assert [e.data["i"] for e in await store.events(0, call_sid="CA1")] == [1, 3]
+    assert [e.seq for e in await store.events(3)] == [4, 5]
+
+
+async def test_expired_sessions(store):
+    old = Session("CA-old", "stream")
+    old.updated_at = 0
+    await store.create_session(old)
+    await store.create_session(Session("CA-new", "stream"))
+    assert [s.call_sid for s in await store.expired_sessions(idle_before=1000)] == ["CA-old"]
+
+
+async def test_sqlite_survives_reopen(tmp_path):
+    path = tmp_path / "r.db"
+    first = SQLiteStore(path)
+    await first.open()
+    await first.create_session(Session("CA1", "stream"))
+    await first.transition("CA1", CallState.READY)
+    await first.create_session(Session("CA2", "stream"))
+    await first.transition("CA2", CallState.ENDED, reason="done")
+    seq = await first.append(Event(type="twilio.voice", call_sid="CA1"))
+    await first.claim("idem", ttl=60)
+    await first.close()
+    second = SQLiteStore(path)
+    await second.open()
+    assert [s.call_sid for s in await second.active_sessions()] == ["CA1"]
+    assert (await second.get_session("CA1")).state == CallState.READY
+    assert not await second.claim("idem", ttl=60)
+    assert (await second.events(0))[-1].seq == seq
+    assert await second.append(Event(type="x")) == seq + 1
+    await second.close()
+
+
+async def test_sqlite_locked_is_a_store_error_and_recovers(tmp_path):
+    import sqlite3
+    from twivapi_cli.errors import StoreError
+    path = tmp_path / "locked.db"
+    store = SQLiteStore(path, busy_timeout=0.1)
+    await store.open()
+    other = sqlite3.connect(path, isolation_level=None)
+    other.execute("BEGIN EXCLUSIVE")  # another process holds the write lock
+    try:
+        with pytest.raises(StoreError, match="locked"):
+            await store.append(Event(type="x"))
+        assert (await store.health())["ok"] is False
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+    await store.append(Event(type="y"))  # recovers by itself once the lock is gone
+    assert (await store.health())["ok"] is True
+    await store.close()
+
+
+def test_open_store_urls(tmp_path):
+    assert isinstance(open_store("memory://"), MemoryStore)
+    s = open_store(f"sqlite:///{tmp_path}/a.db")
+    assert isinstance(s, SQLiteStore) and str(s.path) == f"{tmp_path}/a.db"
+    from twivapi_cli.errors import ConfigError
+    with pytest.raises(ConfigError, match="TWIVAPI_STORE"):
+        open_store("mysql://x")
