@@ -68,7 +68,7 @@ class Session:
     answer: str | None = None        # bypass mode: the TwiML answered, re-sent on a retried webhook
 
     def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
+        data = dict(self.__dict__)  # flat fields: no need for asdict's recursive copy (hot path)
         data["state"] = self.state.value
         return data
 

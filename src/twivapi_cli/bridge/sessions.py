@@ -27,7 +27,7 @@ from .events import Recorder
 
 log = logging.getLogger("twivapi.bridge")
 
-SETUP_WORKERS = 64
+SETUP_WORKERS = 16          # concurrent POST /call; httpx's pool gets slower per request past ~20
 SETUP_DEADLINE = 8.0        # seconds a setup may wait in the queue before the caller gets the fallback
 PARK_PER_CALL = 64          # messages parked per unknown call
 PARK_CALLS = 5_000          # unknown calls parked at once
@@ -57,7 +57,9 @@ class CallRegistry:
 
     # --- lifecycle ------------------------------------------------------------------------------
     def start(self) -> None:
-        self._tasks = [asyncio.create_task(self._setup_worker(), name=f"setup-{i}") for i in range(SETUP_WORKERS)]
+        lane = getattr(self.vapi, "lane", lambda: self.vapi)
+        self._tasks = [asyncio.create_task(self._setup_worker(lane()), name=f"setup-{i}")
+                       for i in range(SETUP_WORKERS)]
         self._tasks.append(asyncio.create_task(self._sweeper(), name="sweeper"))
 
     async def stop(self) -> None:
@@ -112,19 +114,19 @@ class CallRegistry:
             return False
         return True
 
-    async def _setup_worker(self) -> None:
+    async def _setup_worker(self, vapi: Any) -> None:
         while True:
             call_sid, queued_at = await self._setup_queue.get()
             self.setups_inflight += 1
             try:
-                await self._setup(call_sid, queued_at)
+                await self._setup(call_sid, queued_at, vapi)
             except Exception:  # one bad call must not kill the worker
                 log.exception("setup of %s failed unexpectedly", call_sid)
                 await self.move(call_sid, CallState.FAILED, reason="setup-error")
             finally:
                 self.setups_inflight -= 1
 
-    async def _setup(self, call_sid: str, queued_at: float) -> None:
+    async def _setup(self, call_sid: str, queued_at: float, vapi: Any) -> None:
         if time.monotonic() - queued_at > SETUP_DEADLINE:
             await self.move(call_sid, CallState.FAILED, reason="setup-deadline-exceeded")
             await self.signal(call_sid, "end", {"reason": "setup-deadline-exceeded"})
@@ -133,7 +135,7 @@ class CallRegistry:
             return  # hung up before we started: nothing to create
         started = time.monotonic()
         try:
-            call = await self.vapi.create_websocket_call(
+            call = await vapi.create_websocket_call(
                 self.settings.vapi_assistant_id, self.settings.audio_format,
                 metadata={"twilioCallSid": call_sid}, timeout=SETUP_DEADLINE)
         except TwivapiError as exc:

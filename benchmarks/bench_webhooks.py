@@ -1,0 +1,143 @@
+"""Signed /twilio/voice webhooks at 50 connections: twivapi (stream, bypass) vs the seed's reference.
+
+Each webhook carries a new CallSid and a valid signature. A webhook is done only when its Vapi call
+exists, so besides the answer rate we report the end-to-end rate: answered / (load time + the time
+the background Vapi calls take to catch up), read from the Vapi stand-in's `GET /count`.
+
+Needs node + npm (the reference server and autocannon come from ../shared/anchors/seed-express);
+without them the benchmark says so and skips.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+SEED = ROOT.parent / "shared" / "anchors" / "seed-express"
+TOKEN = "bench-auth-token-0123456789abcdef"
+PUBLIC = "https://bench.example.test"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url: str, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            httpx.get(url, timeout=1)
+            return
+        except httpx.HTTPError:
+            time.sleep(0.1)
+    raise RuntimeError(f"{url} did not come up")
+
+
+def prepare_node(workdir: Path) -> Path | None:
+    """A copy of the reference with its npm dependencies installed, or None without node/npm."""
+    if not (shutil.which("node") and shutil.which("npm") and SEED.is_dir()):
+        return None
+    target = workdir / "seed-express"
+    shutil.copytree(SEED, target)
+    shutil.copy(HERE / "fake_vapi.js", target / "fake_vapi_bench.js")
+    subprocess.run(["npm", "install", "--no-audit", "--no-fund", "--silent"], cwd=target, check=True,
+                   capture_output=True, timeout=300)
+    return target
+
+
+def count(vapi_port: int) -> int:
+    return httpx.get(f"http://127.0.0.1:{vapi_port}/count").json()["calls"]
+
+
+def load(node_dir: Path, port: int, sign_base: str, seconds: int, connections: int = 50) -> dict:
+    out = subprocess.run(["node", "load.js", str(port), sign_base, str(connections), str(seconds)], cwd=node_dir,
+                         env={**os.environ, "TWILIO_AUTH_TOKEN": TOKEN}, capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def measure(node_dir: Path, name: str, server_cmd: list[str], env: dict, sign_base_fn, seconds: int,
+            cwd: Path | None = None) -> dict:
+    vapi_port, port = free_port(), free_port()
+    vapi = subprocess.Popen(["node", "fake_vapi_bench.js"], cwd=node_dir, env={**os.environ, "PORT": str(vapi_port)},
+                            stdout=subprocess.DEVNULL)
+    server = None
+    try:
+        wait_http(f"http://127.0.0.1:{vapi_port}/count")
+        env = {**os.environ, **env, "VAPI_BASE_URL": f"http://127.0.0.1:{vapi_port}", "PORT": str(port),
+               "TWIVAPI_PORT": str(port)}
+        server = subprocess.Popen(server_cmd, cwd=cwd or node_dir, env=env, stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.PIPE)
+        wait_http(f"http://127.0.0.1:{port}/health")
+        started = time.monotonic()
+        result = load(node_dir, port, sign_base_fn(port), seconds)
+        load_time = time.monotonic() - started
+        answered = result["total"] - result["non2xx"]
+        deadline = time.monotonic() + 120
+        while count(vapi_port) < answered and time.monotonic() < deadline:
+            time.sleep(0.05)
+        catch_up = time.monotonic() - started - load_time
+        created = count(vapi_port)
+        return {"server": name, "answer_rps": round(result["rps"]), "p50_ms": result["p50"], "p99_ms": result["p99"],
+                "errors": result["errors"] + result["non2xx"], "answered": answered, "vapi_calls": created,
+                "catch_up_s": round(max(catch_up, 0), 2),
+                "e2e_rps": round(min(answered, created) / (load_time + max(catch_up, 0)))}
+    finally:
+        for proc in (server, vapi):
+            if proc is not None:
+                proc.terminate()
+                try:
+                    proc.wait(10)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+
+
+def run(quick: bool = False) -> list[dict]:
+    seconds = 3 if quick else 8
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp_path = Path(tmp)
+        node_dir = prepare_node(tmp_path)
+        if node_dir is None:
+            print("bench_webhooks: node/npm not found: skipping (the reference and the load tool need them)")
+            return []
+        twivapi = str(Path(sys.executable).with_name("twivapi"))
+        rows = [measure(node_dir, "seed reference (express)", ["node", "server.js"],
+                        {"TWILIO_AUTH_TOKEN": TOKEN, "VAPI_API_KEY": "x"}, lambda p: f"https://127.0.0.1:{p}", seconds)]
+        for mode in ("stream", "bypass"):
+            env = {"TWILIO_AUTH_TOKEN": TOKEN, "VAPI_API_KEY": "bench-key", "VAPI_WEBHOOK_SECRET": "s",
+                   "VAPI_ASSISTANT_ID": "asst", "VAPI_PHONE_NUMBER_ID": "pn", "TWIVAPI_PUBLIC_URL": PUBLIC,
+                   "TWIVAPI_MODE": mode, "TWIVAPI_STORE": f"sqlite:///{tmp_path}/{mode}.db"}
+            rows.append(measure(node_dir, f"twivapi {mode} (SQLite)", [twivapi, "serve", "--log-level", "warning"],
+                                env, lambda p: PUBLIC, seconds, cwd=tmp_path))
+    ref = rows[0]
+    for row in rows[1:]:
+        row["e2e_vs_ref"] = round(row["e2e_rps"] / max(ref["e2e_rps"], 1), 2)
+        row["p99_vs_ref"] = round(row["p99_ms"] / max(ref["p99_ms"], 1), 2)
+    return rows
+
+
+def print_table(rows: list[dict]) -> None:
+    if not rows:
+        return
+    cols = list(dict.fromkeys(k for row in rows for k in row))
+    print(f"# machine: {platform.platform()}, {os.cpu_count()} CPUs, Python {platform.python_version()}")
+    print(" | ".join(cols))
+    for row in rows:
+        print(" | ".join(str(row.get(c, "")) for c in cols))
+
+
+if __name__ == "__main__":
+    print_table(run(quick="--quick" in sys.argv))
