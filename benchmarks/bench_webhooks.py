@@ -86,15 +86,24 @@ def measure(node_dir: Path, name: str, server_cmd: list[str], env: dict, sign_ba
         result = load(node_dir, port, sign_base_fn(port), seconds)
         load_time = time.monotonic() - started
         answered = result["total"] - result["non2xx"]
-        deadline = time.monotonic() + 120
-        while count(vapi_port) < answered and time.monotonic() < deadline:
-            time.sleep(0.05)
-        catch_up = time.monotonic() - started - load_time
+        # Catch-up: until every answered webhook has its Vapi call, or the count stops moving (the
+        # rest got the fallback: queue full or setup deadline passed).
+        deadline, last, last_change = time.monotonic() + 120, -1, time.monotonic()
+        while time.monotonic() < deadline:
+            created = count(vapi_port)
+            if created >= answered:
+                break
+            if created != last:
+                last, last_change = created, time.monotonic()
+            elif time.monotonic() - last_change > 1.0:
+                break
+            time.sleep(0.02)
+        catch_up = max(0.0, (last_change if created < answered else time.monotonic()) - started - load_time)
         created = count(vapi_port)
         return {"server": name, "answer_rps": round(result["rps"]), "p50_ms": result["p50"], "p99_ms": result["p99"],
                 "errors": result["errors"] + result["non2xx"], "answered": answered, "vapi_calls": created,
-                "catch_up_s": round(max(catch_up, 0), 2),
-                "e2e_rps": round(min(answered, created) / (load_time + max(catch_up, 0)))}
+                "fallbacks": max(answered - created, 0), "catch_up_s": round(catch_up, 2),
+                "e2e_rps": round(min(answered, created) / (load_time + catch_up))}
     finally:
         for proc in (server, vapi):
             if proc is not None:
