@@ -71,10 +71,16 @@ class Bridge:
 
 
 @contextlib.contextmanager
-def running_bridge(settings: Settings, store, **options) -> Iterator[Bridge]:
+def running_bridge(settings: Settings, store, *, public_from_server: bool = False, **options) -> Iterator[Bridge]:
+    """A bridge on real uvicorn. ``public_from_server``: its own loopback URL is the public URL, so
+    a simulated caller can follow the TwiML's stream URL."""
+    from twivapi_cli.bridge.server import bind
+    sock = bind()
+    if public_from_server:
+        settings = settings.with_overrides(public_url=f"http://127.0.0.1:{sock.getsockname()[1]}")
     vapi = VapiClient(settings.vapi_base_url, settings.vapi_api_key.reveal())
     app = create_app(settings, store, vapi, **options)
-    server = start_in_thread(app)
+    server = start_in_thread(app, sock=sock)
     try:
         yield Bridge(server, app, settings)
     finally:

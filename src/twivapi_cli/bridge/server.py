@@ -68,11 +68,19 @@ class RunningServer:
         self.thread.join(timeout)
 
 
-def start_in_thread(app, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning") -> RunningServer:
-    """Start ``app`` on its own event loop in a daemon thread; returns once it accepts connections."""
+def bind(host: str = "127.0.0.1", port: int = 0) -> socket.socket:
+    """A bound listening socket: its port is known before the app is built (e.g. for a public URL)."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))
+    return sock
+
+
+def start_in_thread(app, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning",
+                    sock: socket.socket | None = None) -> RunningServer:
+    """Start ``app`` on its own event loop in a daemon thread; returns once it accepts connections."""
+    sock = sock or bind(host, port)
+    host = sock.getsockname()[0]
     server = uvicorn.Server(_config(app, host, sock.getsockname()[1], log_level))
     server.install_signal_handlers = lambda: None  # only the main thread may; harmless elsewhere
 

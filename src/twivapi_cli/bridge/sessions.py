@@ -22,7 +22,7 @@ from typing import Any, Awaitable, Callable
 from ..config import Settings
 from ..errors import TwivapiError
 from ..models import CallState, IllegalTransition, Session
-from ..store import Store
+from ..store import Store, write_behind
 from .events import Recorder
 
 log = logging.getLogger("twivapi.bridge")
@@ -115,6 +115,7 @@ class CallRegistry:
         return True
 
     async def _setup_worker(self, vapi: Any) -> None:
+        write_behind()  # setup acknowledges nothing to anyone: don't wait on each commit
         while True:
             call_sid, queued_at = await self._setup_queue.get()
             self.setups_inflight += 1

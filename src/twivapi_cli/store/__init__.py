@@ -12,10 +12,26 @@ persist: an acknowledged webhook is never lost.
 
 from __future__ import annotations
 
+import contextvars
 from typing import Any, Protocol
 
 from ..errors import ConfigError
 from ..models import CallState, Event, Session
+
+
+# Whether a write waits for its commit. Webhook handlers keep the default (an acknowledged event is
+# durable); background work that acknowledges nothing to anyone (Vapi call setup) turns it off for
+# its own task with ``write_behind()`` and saves a thread round trip per write.
+_durable: contextvars.ContextVar[bool] = contextvars.ContextVar("twivapi_durable_writes", default=True)
+
+
+def write_behind() -> None:
+    """In the current task, writes are queued in order but not awaited."""
+    _durable.set(False)
+
+
+def durable_writes() -> bool:
+    return _durable.get()
 
 
 class Store(Protocol):

@@ -20,6 +20,7 @@ from typing import Any
 
 from ..errors import StoreError
 from ..models import Event, Session
+from . import durable_writes
 from .memory import MemoryStore
 
 SCHEMA = """
@@ -98,6 +99,9 @@ class SQLiteStore(MemoryStore):
 
     # --- persistence hooks ----------------------------------------------------------------------
     async def _persist(self, kind: str, payload: Any) -> None:
+        if not durable_writes():
+            self._queue.put((kind, self._row(kind, payload), None))
+            return
         future = self._loop.create_future()
         self._queue.put((kind, self._row(kind, payload), future))
         await future
