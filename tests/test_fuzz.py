@@ -1,0 +1,107 @@
+"""Bad input, generated: every HTTP route gets thousands of random and mutated requests.
+
+The outcome asserted for each: never a 5xx, never a hang, every rejection a 4xx in the one JSON
+error shape, and the bridge keeps serving a real call afterwards.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import httpx
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from twivapi_cli import signing
+from twivapi_cli.bridge.server import start_in_thread
+from twivapi_cli.models import CallState
+from twivapi_cli.store.memory import MemoryStore
+
+from .support import PUBLIC, TOKEN, VAPI_SECRET, bridge_settings, new_call_sid, running_bridge, vapi_standin
+
+ROUTES = ["/twilio/voice", "/twilio/status", "/twilio/after-stream", "/vapi/webhook"]
+# per property; the slow suite (scripts/test-slow) raises it to thousands per property
+EXAMPLES = int(os.environ.get("TWIVAPI_FUZZ_EXAMPLES", "120"))
+
+
+@pytest.fixture(scope="module")
+def bridge():
+    app, _ = vapi_standin()
+    vapi = start_in_thread(app)
+    with running_bridge(bridge_settings(vapi.url), MemoryStore()) as b:
+        b.client = httpx.Client(base_url=b.url, timeout=5)
+        yield b
+        b.client.close()
+    vapi.stop()
+
+
+def check(response: httpx.Response) -> None:
+    assert response.status_code < 500, (response.status_code, response.text[:200])
+    if response.status_code >= 400:
+        error = response.json()["error"]
+        assert set(error) == {"code", "message"} and error["message"]
+
+
+text = st.text(max_size=40)
+# header values: what HTTP can carry (invalid bytes never reach the app: uvicorn answers 400 itself)
+header_text = st.text(alphabet=st.characters(min_codepoint=0x21, max_codepoint=0x7e), max_size=40)
+form_values = st.dictionaries(st.sampled_from(["CallSid", "CallStatus", "From", "To", "SequenceNumber",
+                                                "Digits", "x", ""]) | text, text, max_size=8)
+json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | text,
+                           lambda children: st.lists(children, max_size=4)
+                           | st.dictionaries(text, children, max_size=4), max_leaves=12)
+fuzz = settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+@fuzz
+@given(route=st.sampled_from(ROUTES), body=st.binary(max_size=600),
+       content_type=st.sampled_from(["application/x-www-form-urlencoded", "application/json", "text/plain", "",
+                                     "multipart/form-data; boundary=x"]),
+       signature=st.none() | header_text)
+def test_random_bytes_never_5xx(bridge, route, body, content_type, signature):
+    headers = {"content-type": content_type}
+    if signature is not None:
+        headers["X-Twilio-Signature"] = signature
+    check(bridge.client.post(route, content=body, headers=headers))
+
+
+@fuzz
+@given(route=st.sampled_from(ROUTES[:3]), params=form_values)
+def test_correctly_signed_random_forms_never_5xx(bridge, route, params):
+    sig = signing.twilio_signature(TOKEN, PUBLIC + route, params)
+    check(bridge.client.post(route, data=params, headers={"X-Twilio-Signature": sig}))
+
+
+@fuzz
+@given(payload=json_values | st.fixed_dictionaries({"message": json_values}) |
+       st.fixed_dictionaries({"message": st.fixed_dictionaries(
+           {"type": st.sampled_from(["status-update", "speech-update", "tool-calls", "end-of-call-report",
+                                     "assistant-request", "user-interrupted", "transcript"])},
+           optional={"call": json_values, "status": json_values, "toolCallList": json_values,
+                     "role": json_values, "artifact": json_values})}))
+def test_authenticated_random_vapi_messages_never_5xx(bridge, payload):
+    body = json.dumps(payload).encode()
+    check(bridge.client.post("/vapi/webhook", content=body, headers=signing.sign_vapi(VAPI_SECRET, body)))
+
+
+@fuzz
+@given(body=st.binary(min_size=1, max_size=300))
+def test_invalid_utf8_and_json_from_an_authenticated_sender(bridge, body):
+    check(bridge.client.post("/vapi/webhook", content=body, headers=signing.sign_vapi(VAPI_SECRET, body)))
+
+
+def test_huge_and_empty_bodies(bridge):
+    for route in ROUTES:
+        check(bridge.client.post(route, content=b""))
+        check(bridge.client.post(route, content=b"x" * (2 * 1024 * 1024)))
+
+
+def test_bridge_still_serves_calls_after_the_fuzzing(bridge):
+    sid = new_call_sid()
+    assert bridge.voice(sid).status_code == 200
+    deadline = time.monotonic() + 5
+    while bridge.session(sid).state != CallState.READY and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert bridge.session(sid).state == CallState.READY
