@@ -1,0 +1,283 @@
+"""In-memory state of the simulated Twilio account and Vapi org, shared by both REST apps and by
+whatever drives a simulated call (the simulated caller, the simulated assistant).
+
+``SimState`` holds ``credentials``, ``twilio`` (numbers, calls) and ``vapi`` (assistants, phone
+numbers, calls). Everything is plain dicts and dataclasses, read and written on the simulator's
+event loop; tests may read it from another thread.
+
+Driving calls: ``SimCall`` (Twilio) and ``VapiCall`` (Vapi) each carry a small pub/sub hook, so a
+REST request that changes a live call reaches whoever drives it:
+
+    call.on_update(fn)        fn(update) runs on the simulator's loop, inline, for every update
+    q = call.subscribe()      an asyncio.Queue on the *calling* loop receiving every update
+                              (safe across threads: delivered with call_soon_threadsafe)
+
+Twilio updates are ``CallUpdate(kind="status"|"redirect", ...)`` from ``POST Calls/{Sid}.json``;
+Vapi updates are the Live Call Control messages (``{"type": "end-call"}`` ...) from
+``POST /call/{id}/control``. ``TwilioState.on_call_created`` / ``VapiState.on_call_created`` list
+callbacks run for each new call (e.g. to start driving an outbound call).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import random
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+DEMO_ACCOUNT_SID = "AC" + "0" * 32                      # demo value: all zeros, obviously not real
+DEMO_AUTH_TOKEN = "demo" + "0" * 28                     # demo value (32 chars, like a real token)
+DEMO_VAPI_API_KEY = "demo-vapi-key-00000000000000000000"  # demo value
+DEMO_WEBHOOK_SECRET = "demo-vapi-webhook-secret"        # demo value
+
+TERMINAL = ("completed", "busy", "failed", "no-answer", "canceled")
+
+
+def now() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
+
+
+def rfc2822(moment: dt.datetime | None) -> str | None:
+    return None if moment is None else moment.strftime("%a, %d %b %Y %H:%M:%S +0000")
+
+
+def iso(moment: dt.datetime | None) -> str | None:
+    return None if moment is None else moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+
+
+def twilio_sid(prefix: str) -> str:
+    return prefix + uuid.uuid4().hex
+
+
+@dataclass(frozen=True)
+class SimCredentials:
+    account_sid: str = DEMO_ACCOUNT_SID
+    auth_token: str = DEMO_AUTH_TOKEN
+    vapi_api_key: str = DEMO_VAPI_API_KEY
+    vapi_webhook_secret: str = DEMO_WEBHOOK_SECRET     # what simulated server-URL messages carry
+
+    @classmethod
+    def from_settings(cls, settings: Any) -> "SimCredentials":
+        """The user's TWILIO_ACCOUNT_SID, TWILIO_AUTH_TOKEN, VAPI_API_KEY, VAPI_WEBHOOK_SECRET when
+        set, demo values otherwise."""
+        def reveal(value: Any) -> str | None:
+            return value.reveal() if hasattr(value, "reveal") else value
+        return cls(account_sid=settings.twilio_account_sid or DEMO_ACCOUNT_SID,
+                   auth_token=reveal(settings.twilio_auth_token) or DEMO_AUTH_TOKEN,
+                   vapi_api_key=reveal(settings.vapi_api_key) or DEMO_VAPI_API_KEY,
+                   vapi_webhook_secret=reveal(settings.vapi_webhook_secret) or DEMO_WEBHOOK_SECRET)
+
+
+class Hub:
+    """Fan-out of updates to inline callbacks and to asyncio queues on any loop."""
+
+    def __init__(self) -> None:
+        self._callbacks: list[Callable[[Any], Any]] = []
+        self._queues: list[tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = []
+        self.history: list[Any] = []
+
+    def on_update(self, fn: Callable[[Any], Any]) -> Callable[[], None]:
+        self._callbacks.append(fn)
+        return lambda: self._callbacks.remove(fn) if fn in self._callbacks else None
+
+    def subscribe(self) -> asyncio.Queue:
+        queue: asyncio.Queue = asyncio.Queue()
+        self._queues.append((asyncio.get_running_loop(), queue))
+        return queue
+
+    def publish(self, update: Any) -> None:
+        self.history.append(update)
+        for fn in list(self._callbacks):
+            fn(update)
+        for loop, queue in list(self._queues):
+            if loop.is_closed():
+                self._queues.remove((loop, queue))
+            else:
+                loop.call_soon_threadsafe(queue.put_nowait, update)
+
+
+@dataclass(frozen=True)
+class CallUpdate:
+    """A change asked through Twilio's REST API: hang up (status) or new instructions (redirect)."""
+
+    kind: str                      # "status" | "redirect"
+    status: str | None = None      # completed | canceled
+    twiml: str | None = None
+    url: str | None = None
+    method: str = "POST"
+
+
+@dataclass
+class SimCall:
+    """One simulated Twilio call: its REST resource fields plus the hook for its driver."""
+
+    sid: str
+    account_sid: str
+    to: str
+    from_: str
+    direction: str = "outbound-api"          # or "inbound"
+    status: str = "queued"
+    url: str | None = None
+    method: str = "POST"
+    twiml: str | None = None
+    status_callback: str | None = None
+    status_callback_method: str = "POST"
+    status_callback_events: list[str] = field(default_factory=list)
+    phone_number_sid: str | None = None
+    date_created: dt.datetime = field(default_factory=now)
+    date_updated: dt.datetime = field(default_factory=now)
+    start_time: dt.datetime | None = None
+    end_time: dt.datetime | None = None
+    hub: Hub = field(default_factory=Hub, repr=False)
+
+    def on_update(self, fn: Callable[[CallUpdate], Any]) -> Callable[[], None]:
+        return self.hub.on_update(fn)
+
+    def subscribe(self) -> asyncio.Queue:
+        return self.hub.subscribe()
+
+    def set_status(self, status: str) -> None:
+        """For the driver: record progress (ringing, in-progress, completed...)."""
+        moment = now()
+        if status == "in-progress" and self.start_time is None:
+            self.start_time = moment
+        if status in TERMINAL and self.end_time is None:
+            self.end_time = moment
+        self.status, self.date_updated = status, moment
+
+    @property
+    def duration(self) -> str | None:
+        if self.end_time is None:
+            return None
+        if self.start_time is None:
+            return "0"
+        return str(int((self.end_time - self.start_time).total_seconds()))
+
+
+class TwilioState:
+    def __init__(self, seed: int | None = None) -> None:
+        self.numbers: dict[str, dict] = {}          # PN sid -> resource fields (Twilio JSON, no uri)
+        self.calls: dict[str, SimCall] = {}
+        self.offered: set[str] = set()              # numbers a search returned: buyable
+        self.on_call_created: list[Callable[[SimCall], Any]] = []
+        self._random = random.Random(seed)
+
+    def number_by_phone(self, phone_number: str) -> dict | None:
+        return next((n for n in self.numbers.values() if n["phone_number"] == phone_number), None)
+
+    def fresh_number(self, area_code: str) -> str:
+        """A number in ``area_code`` nobody owns; 555-01xx is reserved for fiction."""
+        for _ in range(1000):
+            candidate = f"+1{area_code}5550{self._random.randint(100, 199)}"
+            if self.number_by_phone(candidate) is None:
+                return candidate
+        candidate = f"+1{area_code}{self._random.randint(2000000, 9999999)}"
+        return candidate
+
+    def add_call(self, call: SimCall) -> SimCall:
+        self.calls[call.sid] = call
+        for fn in list(self.on_call_created):
+            fn(call)
+        return call
+
+    def start_inbound_call(self, to: str, from_: str, call_sid: str | None = None) -> SimCall:
+        """For the simulated caller: someone dials ``to``, one of this account's numbers.
+
+        The call carries the number's VoiceUrl/VoiceMethod/StatusCallback; raises KeyError if the
+        account does not own ``to``.
+        """
+        number = self.number_by_phone(to)
+        if number is None:
+            raise KeyError(f"{to} is not a number of this account")
+        call = SimCall(sid=call_sid or twilio_sid("CA"), account_sid=number["account_sid"], to=to, from_=from_,
+                       direction="inbound", status="ringing", url=number.get("voice_url"),
+                       method=number.get("voice_method") or "POST",
+                       status_callback=number.get("status_callback"),
+                       status_callback_method=number.get("status_callback_method") or "POST",
+                       phone_number_sid=number["sid"])
+        return self.add_call(call)
+
+
+@dataclass
+class VapiCall:
+    """One simulated Vapi call: the JSON record served by the API plus what its assistant needs.
+
+    ``kind``: ``websocket`` (vapi.websocket transport), ``bypass`` (phoneCallProviderBypassEnabled),
+    ``inbound`` (an imported number was called) or ``phone`` (a plain outbound phone call).
+    """
+
+    id: str
+    record: dict
+    kind: str
+    assistant: dict | None = None             # the resolved assistant config (saved + overrides)
+    server: dict | None = None                # where server messages go: {"url", "headers", ...}
+    audio_format: dict | None = None          # what the transport socket carries
+    hub: Hub = field(default_factory=Hub, repr=False)
+
+    @property
+    def status(self) -> str:
+        return self.record.get("status", "queued")
+
+    @property
+    def server_url(self) -> str | None:
+        return (self.server or {}).get("url")
+
+    def on_control(self, fn: Callable[[dict], Any]) -> Callable[[], None]:
+        return self.hub.on_update(fn)
+
+    def subscribe(self) -> asyncio.Queue:
+        return self.hub.subscribe()
+
+    def set_status(self, status: str, ended_reason: str | None = None) -> None:
+        """For the driver (and end-call): move the call on; timestamps follow."""
+        moment = iso(now())
+        self.record["status"] = status
+        self.record["updatedAt"] = moment
+        if status == "in-progress":
+            self.record.setdefault("startedAt", moment)
+        if status == "ended":
+            self.record.setdefault("endedAt", moment)
+            if ended_reason:
+                self.record.setdefault("endedReason", ended_reason)
+
+
+class VapiState:
+    def __init__(self, webhook_secret: str | None = None) -> None:
+        self.org_id = str(uuid.uuid4())
+        self.assistants: dict[str, dict] = {}
+        self.phone_numbers: dict[str, dict] = {}
+        self.calls: dict[str, VapiCall] = {}
+        self.server: dict | None = None           # org-level server URL, used when no other is set
+        self.webhook_secret = webhook_secret      # what a server-URL poster signs with (set by SimState)
+        self.on_call_created: list[Callable[[VapiCall], Any]] = []
+
+    def add_call(self, call: VapiCall) -> VapiCall:
+        self.calls[call.id] = call
+        for fn in list(self.on_call_created):
+            fn(call)
+        return call
+
+    def find_call(self, call_id: str) -> tuple[dict, dict | None] | None:
+        """(call record, assistant config): the shape ``vapi_transport.transport_routes`` wants."""
+        call = self.calls.get(call_id)
+        return None if call is None else (call.record, call.assistant)
+
+
+@dataclass
+class SimState:
+    credentials: SimCredentials = field(default_factory=SimCredentials)
+    twilio: TwilioState = field(default_factory=TwilioState)
+    vapi: VapiState = field(default_factory=VapiState)
+    link: bool = True     # Vapi's number import checks and re-points numbers in ``twilio``
+
+    def __post_init__(self) -> None:
+        if self.vapi.webhook_secret is None:
+            self.vapi.webhook_secret = self.credentials.vapi_webhook_secret
+
+    def reset(self) -> None:
+        """Forget every number, call, assistant and hook (running apps keep serving the same state)."""
+        for table in (self.twilio.numbers, self.twilio.calls, self.twilio.offered, self.twilio.on_call_created,
+                      self.vapi.assistants, self.vapi.phone_numbers, self.vapi.calls, self.vapi.on_call_created):
+            table.clear()

@@ -1,0 +1,510 @@
+"""A local stand-in for Vapi's REST API: assistants, Twilio phone numbers, calls, Live Call Control.
+
+Bearer auth, NestJS-style errors (``{"message": str | [str], "error": ..., "statusCode": N}``) and
+request validation like Vapi's ``ValidationPipe`` (whitelist: unknown properties are a 400, messages
+in class-validator's wording) against shallow copies of the spec's DTOs (``data/vapi_dtos.json``).
+
+Calls (``POST /call``) become ``state.VapiCall`` records in ``state.vapi.calls``:
+
+- ``transport.provider == "vapi.websocket"`` → ``kind="websocket"``, with
+  ``transport.websocketCallUrl = ws://<host>/call/{id}/transport``
+- ``phoneCallProviderBypassEnabled`` → ``kind="bypass"``, with ``phoneCallProviderDetails.twiml``
+  ``<Connect><Stream url="ws://<host>/call/{id}/twilio-stream"/></Connect>``
+- otherwise a phone call from an imported number → ``kind="phone"`` (and, when the Twilio simulator
+  shares the state, a Twilio call to the customer that streams to the same ``twilio-stream`` URL)
+
+Importing a Twilio number (``POST /phone-number``) re-points its VoiceUrl at
+``<host>/twilio/inbound_call``; a (signed) call there becomes ``kind="inbound"`` and gets the same
+``<Connect><Stream>`` TwiML.
+
+Extension points for the simulated assistant: ``create_vapi_app(..., extra_routes=[...])`` mounts the
+WebSocket routes ``/call/{id}/transport`` and ``/call/{id}/twilio-stream`` (and anything else) ahead
+of these; ``state.vapi.find_call(id)`` gives ``(record, assistant)``; ``VapiCall.server`` and
+``state.vapi.webhook_secret`` say where and how to post server messages; ``state.vapi.on_call_created``
+runs for every new call; ``POST /call/{id}/control`` messages are published on the call's hub
+(``call.on_control(fn)`` / ``call.subscribe()``), ``end-call`` also ends the record.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import uuid
+from functools import lru_cache
+from importlib import resources
+from typing import Any, Awaitable, Callable
+
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from .faults import FaultMiddleware, Faults, control_routes
+from .state import SimCall, SimState, VapiCall, iso, now, twilio_sid
+
+INVALID_KEY = "Invalid Key. Hot tip, you may be using the private key instead of the public key, or vice versa."
+REASONS = {400: "Bad Request", 401: "Unauthorized", 404: "Not Found", 409: "Conflict", 429: "Too Many Requests",
+           500: "Internal Server Error", 502: "Bad Gateway", 503: "Service Unavailable"}
+# Documented fields the spec lacks (reference vapi.md §1.6): accepted on top of CreateCallDTO.
+CALL_EXTRAS = {"phoneCallProviderBypassEnabled": {"type": "boolean"}}
+DEFAULT_AUDIO = {"format": "pcm_s16le", "container": "raw", "sampleRate": 16000}
+TWILIO_AUDIO = {"format": "mulaw", "container": "raw", "sampleRate": 8000}
+
+
+class VapiError(Exception):
+    def __init__(self, status: int, message: str | list[str]):
+        super().__init__(str(message))
+        self.status, self.message = status, message
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(error_body(self.status, self.message), status_code=self.status)
+
+
+def error_body(status: int, message: str | list[str] | None = None) -> dict:
+    reason = REASONS.get(status, "Error")
+    return {"message": reason if message is None else message, "error": reason, "statusCode": status}
+
+
+def _fault_body(status: int) -> dict:
+    return error_body(status, "Rate limit exceeded" if status == 429 else None)
+
+
+# --- validation (class-validator wording) --------------------------------------------------------
+
+@lru_cache(maxsize=1)
+def dto_schemas() -> dict[str, dict]:
+    text = resources.files("twivapi_cli").joinpath("data/vapi_dtos.json").read_text()
+    return json.loads(text)["schemas"]
+
+
+TYPE_CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "string": (lambda v: isinstance(v, str), "must be a string"),
+    "number": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+               "must be a number conforming to the specified constraints"),
+    "integer": (lambda v: isinstance(v, int) and not isinstance(v, bool), "must be an integer number"),
+    "boolean": (lambda v: isinstance(v, bool), "must be a boolean value"),
+    "object": (lambda v: isinstance(v, dict), "must be an object"),
+    "array": (lambda v: isinstance(v, list), "must be an array"),
+}
+
+
+def validate(body: Any, schema_name: str, extras: dict | None = None, prefix: str = "") -> list[str]:
+    """NestJS ValidationPipe-style messages for ``body`` against a shallow DTO; [] when valid."""
+    schema = dto_schemas()[schema_name]
+    props = {**schema["properties"], **(extras or {})}
+    if not isinstance(body, dict):
+        return [f"{prefix}{schema_name} must be an object"]
+    errors = [f"{prefix}property {k} should not exist" for k in body if k not in props]
+    for name in schema["required"]:
+        if body.get(name) in (None, ""):
+            errors.append(f"{prefix}{name} should not be empty")
+    for name, value in body.items():
+        if name in props and value is not None:
+            errors += _check(value, props[name], name, prefix)
+    return errors
+
+
+def _check(value: Any, rule: dict, name: str, prefix: str) -> list[str]:
+    if "$ref" in rule:
+        return validate(value, rule["$ref"], prefix=f"{prefix}{name}.") if isinstance(value, dict) \
+            else [f"{prefix}{name} must be an object"]
+    if "oneOf" in rule:
+        return _check_union(value, rule, name, prefix)
+    kind = rule.get("type")
+    if kind in TYPE_CHECKS and not TYPE_CHECKS[kind][0](value):
+        return [f"{prefix}{name} {TYPE_CHECKS[kind][1]}"]
+    errors = []
+    if "enum" in rule and value not in rule["enum"]:
+        errors.append(f"{prefix}{name} must be one of the following values: {', '.join(map(str, rule['enum']))}")
+    if "minimum" in rule and value < rule["minimum"]:
+        errors.append(f"{prefix}{name} must not be less than {rule['minimum']}")
+    if "maximum" in rule and value > rule["maximum"]:
+        errors.append(f"{prefix}{name} must not be greater than {rule['maximum']}")
+    if "maxLength" in rule and len(value) > rule["maxLength"]:
+        errors.append(f"{prefix}{name} must be shorter than or equal to {rule['maxLength']} characters")
+    if "minLength" in rule and len(value) < rule["minLength"]:
+        errors.append(f"{prefix}{name} must be longer than or equal to {rule['minLength']} characters")
+    item_enum = rule.get("items", {}).get("enum")
+    if kind == "array" and item_enum and any(v not in item_enum for v in value):
+        errors.append(f"{prefix}each value in {name} must be one of the following values: {', '.join(item_enum)}")
+    return errors
+
+
+def _check_union(value: Any, rule: dict, name: str, prefix: str) -> list[str]:
+    """A oneOf of DTOs told apart by ``provider`` (e.g. CreateCallDTO.transport)."""
+    if not isinstance(value, dict):
+        return [f"{prefix}{name} must be an object"]
+    key = rule.get("discriminator", "provider")
+    variants = {v: dto_schemas()[v]["properties"][key]["enum"][0] for v in rule["oneOf"]}
+    match = next((v for v, tag in variants.items() if tag == value.get(key)), None)
+    if match is None:
+        return [f"{prefix}{name}.{key} must be one of the following values: {', '.join(variants.values())}"]
+    return validate(value, match, prefix=f"{prefix}{name}.")
+
+
+def check(body: Any, schema_name: str, extras: dict | None = None) -> dict:
+    errors = validate(body, schema_name, extras)
+    if errors:
+        raise VapiError(400, errors)
+    return body
+
+
+# --- request plumbing ----------------------------------------------------------------------------
+
+Handler = Callable[[Request, Any], Awaitable[Response]]
+
+
+def endpoint(state: SimState, handler: Handler, *, auth: bool = True) -> Callable[[Request], Awaitable[Response]]:
+    """Bearer auth, JSON body parsing and VapiError → NestJS error, around one handler."""
+    async def run(request: Request) -> Response:
+        try:
+            if auth:
+                _check_auth(request, state)
+            body = None
+            if request.method in ("POST", "PATCH", "PUT"):
+                raw = await request.body()
+                try:
+                    body = json.loads(raw) if raw.strip() else {}
+                except ValueError as exc:
+                    raise VapiError(400, f"Unexpected token in JSON at position {getattr(exc, 'pos', 0)}") from None
+            return await handler(request, body)
+        except VapiError as exc:
+            return exc.response()
+    return run
+
+
+def _check_auth(request: Request, state: SimState) -> None:
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip(), state.credentials.vapi_api_key):
+        raise VapiError(401, INVALID_KEY)
+
+
+def _base(request: Request) -> str:
+    return str(request.base_url).rstrip("/")
+
+
+def _ws_base(request: Request) -> str:
+    return "ws" + _base(request)[4:] if _base(request).startswith("http") else _base(request)
+
+
+def _limit(request: Request) -> int:
+    try:
+        limit = int(request.query_params.get("limit", 100))
+    except ValueError:
+        raise VapiError(400, ["limit must be a number conforming to the specified constraints"]) from None
+    if not 0 <= limit <= 1000:
+        raise VapiError(400, ["limit must not be greater than 1000" if limit > 1000 else "limit must not be less than 0"])
+    return limit
+
+
+def _newest_first(records: list[dict], request: Request) -> list[dict]:
+    return sorted(records, key=lambda r: r["createdAt"], reverse=True)[:_limit(request)]
+
+
+def stream_twiml(url: str) -> str:
+    """The TwiML a bypass call / an imported number answers with: stream the caller to Vapi."""
+    from twilio.twiml.voice_response import Connect, VoiceResponse
+
+    response = VoiceResponse()
+    connect = Connect()
+    connect.stream(url=url)
+    response.append(connect)
+    return str(response)
+
+
+def _merge(assistant: dict | None, overrides: dict | None) -> dict | None:
+    """Saved assistant + assistantOverrides (metadata and variableValues merged one level)."""
+    if assistant is None and not overrides:
+        return None
+    merged = {**(assistant or {}), **(overrides or {})}
+    for key in ("metadata", "variableValues"):
+        if isinstance((assistant or {}).get(key), dict) and isinstance((overrides or {}).get(key), dict):
+            merged[key] = {**assistant[key], **overrides[key]}
+    return merged
+
+
+# --- handlers ------------------------------------------------------------------------------------
+
+class VapiApi:
+    def __init__(self, state: SimState):
+        self.state = state
+        self.vapi = state.vapi
+
+    def _stamp(self, body: dict) -> dict:
+        moment = iso(now())
+        return {**body, "id": str(uuid.uuid4()), "orgId": self.vapi.org_id, "createdAt": moment, "updatedAt": moment}
+
+    @staticmethod
+    def _find(table: dict, request: Request, what: str) -> dict:
+        record = table.get(request.path_params["id"])
+        if record is None:
+            raise VapiError(404, f"{what} not found")
+        return record
+
+    # assistants
+    async def create_assistant(self, request: Request, body: Any) -> Response:
+        record = self._stamp(check(body, "CreateAssistantDTO"))
+        self.vapi.assistants[record["id"]] = record
+        return JSONResponse(record, status_code=201)
+
+    async def list_assistants(self, request: Request, body: Any) -> Response:
+        return JSONResponse(_newest_first(list(self.vapi.assistants.values()), request))
+
+    async def get_assistant(self, request: Request, body: Any) -> Response:
+        return JSONResponse(self._find(self.vapi.assistants, request, "Assistant"))
+
+    async def update_assistant(self, request: Request, body: Any) -> Response:
+        record = self._find(self.vapi.assistants, request, "Assistant")
+        record.update(check(body, "UpdateAssistantDTO"), updatedAt=iso(now()))
+        return JSONResponse(record)
+
+    async def delete_assistant(self, request: Request, body: Any) -> Response:
+        record = self._find(self.vapi.assistants, request, "Assistant")
+        del self.vapi.assistants[record["id"]]
+        return JSONResponse(record)
+
+    # phone numbers
+    async def create_number(self, request: Request, body: Any) -> Response:
+        if isinstance(body, dict) and body.get("provider") != "twilio":
+            raise VapiError(400, ["provider must be one of the following values: twilio "
+                                  "(the simulator imports Twilio numbers only)"])
+        check(body, "CreateTwilioPhoneNumberDTO")
+        if any(n["number"] == body["number"] for n in self.vapi.phone_numbers.values()):
+            raise VapiError(400, f"Phone number {body['number']} already exists in this org.")
+        if body.get("assistantId") and body["assistantId"] not in self.vapi.assistants:
+            raise VapiError(400, "Couldn't Find Assistant. assistantId does not exist.")
+        self._import_into_twilio(body, _base(request))
+        record = self._stamp({"smsEnabled": True, **body, "status": "active"})
+        self.vapi.phone_numbers[record["id"]] = record
+        return JSONResponse(record, status_code=201)
+
+    def _import_into_twilio(self, body: dict, base: str) -> None:
+        """Like the real import: check the number and credentials, point the number's webhook at Vapi."""
+        if not self.state.link:
+            return
+        creds = self.state.credentials
+        token_ok = hmac.compare_digest(body.get("twilioAuthToken") or "", creds.auth_token)
+        if body["twilioAccountSid"] != creds.account_sid or not (token_ok or body.get("twilioApiKey")):
+            raise VapiError(400, "Twilio Error: Authenticate. Check twilioAccountSid and twilioAuthToken.")
+        number = self.state.twilio.number_by_phone(body["number"])
+        if number is None:
+            raise VapiError(400, f"Number Not Found on Twilio. {body['number']} is not a number of this account.")
+        number.update(voice_url=f"{base}/twilio/inbound_call", voice_method="POST")
+        if body.get("smsEnabled", True):
+            number.update(sms_url=f"{base}/twilio/sms", sms_method="POST")
+
+    async def list_numbers(self, request: Request, body: Any) -> Response:
+        return JSONResponse(_newest_first(list(self.vapi.phone_numbers.values()), request))
+
+    async def get_number(self, request: Request, body: Any) -> Response:
+        return JSONResponse(self._find(self.vapi.phone_numbers, request, "Phone Number"))
+
+    async def update_number(self, request: Request, body: Any) -> Response:
+        record = self._find(self.vapi.phone_numbers, request, "Phone Number")
+        record.update(check(body, "UpdateTwilioPhoneNumberDTO"), updatedAt=iso(now()))
+        return JSONResponse(record)
+
+    async def delete_number(self, request: Request, body: Any) -> Response:
+        record = self._find(self.vapi.phone_numbers, request, "Phone Number")
+        del self.vapi.phone_numbers[record["id"]]
+        return JSONResponse(record)
+
+    # calls
+    async def create_call(self, request: Request, body: Any) -> Response:
+        check(body, "CreateCallDTO", CALL_EXTRAS)
+        unsupported = [k for k in ("customers", "squadId", "squad", "workflowId", "workflow") if body.get(k)]
+        if unsupported:
+            raise VapiError(400, f"The simulator does not support {', '.join(unsupported)}: use an assistant.")
+        kind = self._call_kind(body)
+        assistant = _merge(self._assistant(body), body.get("assistantOverrides"))
+        number = None if kind == "websocket" else self._phone_number(body)
+        if kind != "websocket" and not (body.get("customer") or {}).get("number"):
+            raise VapiError(400, ["customer.number should not be empty"])
+        server = self._server(assistant, number)
+        if assistant is None and server is None:
+            raise VapiError(400, "Couldn't Get Assistant. Need Either `assistant`, `assistantId`, `squad`, "
+                                 "`squadId`, or a server URL for assistant-request.")
+        record = self._stamp(body)
+        record.update(status="queued", cost=0, monitor=self._monitor(request, record["id"]))
+        stream_url = f"{_ws_base(request)}/call/{record['id']}/twilio-stream"
+        audio = TWILIO_AUDIO
+        if kind == "websocket":
+            audio = body["transport"].get("audioFormat") or DEFAULT_AUDIO
+            record.update(type="vapi.websocketCall", transport={
+                **body["transport"], "audioFormat": audio,
+                "websocketCallUrl": f"{_ws_base(request)}/call/{record['id']}/transport"})
+        elif kind == "bypass":
+            record.update(type="inboundPhoneCall", phoneCallProvider="twilio", phoneCallTransport="pstn",
+                          phoneCallProviderDetails={"twiml": stream_twiml(stream_url)})
+        else:
+            record.update(type="outboundPhoneCall", phoneCallProvider="twilio", phoneCallTransport="pstn")
+            self._dial(record, number, stream_url)
+        call = VapiCall(record["id"], record, kind, assistant=assistant, server=server, audio_format=audio)
+        self.vapi.add_call(call)
+        return JSONResponse(record, status_code=201)
+
+    @staticmethod
+    def _call_kind(body: dict) -> str:
+        transport = body.get("transport")
+        if transport:
+            if transport.get("provider") != "vapi.websocket":
+                raise VapiError(400, f"The simulator supports the vapi.websocket transport only, "
+                                     f"not {transport.get('provider')}.")
+            if body.get("phoneNumberId") or body.get("phoneNumber"):
+                raise VapiError(400, ["phoneNumberId and phoneNumber are not allowed with transport vapi.websocket"])
+            return "websocket"
+        return "bypass" if body.get("phoneCallProviderBypassEnabled") else "phone"
+
+    def _assistant(self, body: dict) -> dict | None:
+        if body.get("assistantId"):
+            found = self.vapi.assistants.get(body["assistantId"])
+            if found is None:
+                raise VapiError(400, "Couldn't Get Assistant. assistantId does not exist.")
+            return found
+        return body.get("assistant")
+
+    def _phone_number(self, body: dict) -> dict:
+        if body.get("phoneNumberId"):
+            found = self.vapi.phone_numbers.get(body["phoneNumberId"])
+            if found is None:
+                raise VapiError(400, "Couldn't Get Phone Number. phoneNumberId does not exist.")
+            return found
+        if body.get("phoneNumber"):
+            return {"provider": "twilio", "number": body["phoneNumber"].get("twilioPhoneNumber"),
+                    **body["phoneNumber"]}
+        raise VapiError(400, "Need Either `phoneNumberId` Or `phoneNumber`.")
+
+    def _server(self, assistant: dict | None, number: dict | None) -> dict | None:
+        """Where server messages go: the assistant's server, else the number's, else the org's."""
+        for source in (assistant, number):
+            if isinstance(source, dict) and (source.get("server") or {}).get("url"):
+                return source["server"]
+        return self.vapi.server
+
+    @staticmethod
+    def _monitor(request: Request, call_id: str) -> dict:
+        return {"listenUrl": f"{_ws_base(request)}/call/{call_id}/listen",
+                "controlUrl": f"{_base(request)}/call/{call_id}/control"}
+
+    def _dial(self, record: dict, number: dict, stream_url: str) -> None:
+        """Outbound phone call: when the Twilio simulator shares the state, Vapi asks it to dial."""
+        twilio = self.state.twilio
+        owned = twilio.number_by_phone(number.get("number") or "") if self.state.link else None
+        if owned is None:
+            return
+        call = SimCall(sid=twilio_sid("CA"), account_sid=owned["account_sid"], to=record["customer"]["number"],
+                       from_=owned["phone_number"], twiml=stream_twiml(stream_url), phone_number_sid=owned["sid"])
+        record["phoneCallProviderId"] = call.sid
+        twilio.add_call(call)
+
+    async def list_calls(self, request: Request, body: Any) -> Response:
+        records = [c.record for c in self.vapi.calls.values()]
+        for name in ("id", "assistantId", "phoneNumberId"):
+            if request.query_params.get(name):
+                records = [r for r in records if r.get(name) == request.query_params[name]]
+        return JSONResponse(_newest_first(records, request))
+
+    async def get_call(self, request: Request, body: Any) -> Response:
+        call = self.vapi.calls.get(request.path_params["id"])
+        if call is None:
+            raise VapiError(404, "Call not found")
+        return JSONResponse(call.record)
+
+    async def control(self, request: Request, body: Any) -> Response:
+        """Live Call Control: validated, published to the call's driver; end-call ends the record."""
+        call = self.vapi.calls.get(request.path_params["id"])
+        if call is None:
+            raise VapiError(404, "Call not found")
+        schema = CONTROL_SCHEMAS.get(body.get("type") if isinstance(body, dict) else None)
+        if schema is None:
+            raise VapiError(400, [f"type must be one of the following values: {', '.join(CONTROL_SCHEMAS)}"])
+        check(body, schema)
+        if call.status == "ended":
+            raise VapiError(400, "Call has already ended.")
+        if body["type"] == "end-call":
+            call.set_status("ended", "manually-canceled")
+        call.hub.publish(body)
+        return JSONResponse({})
+
+    async def twilio_inbound(self, request: Request) -> Response:
+        """Twilio's voice webhook for an imported number: start an inbound call, stream it to Vapi."""
+        from urllib.parse import parse_qsl
+
+        from twilio.request_validator import RequestValidator
+
+        params = dict(parse_qsl((await request.body()).decode("utf-8", "replace"), keep_blank_values=True))
+        number = next((n for n in self.vapi.phone_numbers.values() if n["number"] == params.get("To")), None)
+        if number is None:
+            return Response(_say("This number is not set up in Vapi."), media_type="text/xml")
+        token = number.get("twilioAuthToken")
+        signature = request.headers.get("x-twilio-signature", "")
+        if token and not RequestValidator(token).validate(str(request.url), params, signature):
+            return Response("Invalid Twilio signature", status_code=403)
+        assistant = self.vapi.assistants.get(number.get("assistantId") or "")
+        record = self._stamp({"type": "inboundPhoneCall", "status": "ringing", "cost": 0,
+                              "phoneCallProvider": "twilio", "phoneCallTransport": "pstn",
+                              "phoneCallProviderId": params.get("CallSid"), "phoneNumberId": number["id"],
+                              "customer": {"number": params.get("From")}})
+        if assistant:
+            record["assistantId"] = assistant["id"]
+        record["monitor"] = self._monitor(request, record["id"])
+        call = VapiCall(record["id"], record, "inbound", assistant=assistant, server=self._server(assistant, number),
+                        audio_format=TWILIO_AUDIO)
+        self.vapi.add_call(call)
+        return Response(stream_twiml(f"{_ws_base(request)}/call/{record['id']}/twilio-stream"), media_type="text/xml")
+
+
+CONTROL_SCHEMAS = {"add-message": "ClientInboundMessageAddMessage", "control": "ClientInboundMessageControl",
+                   "say": "ClientInboundMessageSay", "end-call": "ClientInboundMessageEndCall",
+                   "transfer": "ClientInboundMessageTransfer",
+                   "send-transport-message": "ClientInboundMessageSendTransportMessage"}
+
+
+def _say(text: str) -> str:
+    from twilio.twiml.voice_response import VoiceResponse
+
+    response = VoiceResponse()
+    response.say(text)
+    response.hangup()
+    return str(response)
+
+
+def create_vapi_app(state: SimState, faults: Faults | None = None, extra_routes: list | None = None) -> Starlette:
+    """The Vapi REST simulator as an ASGI app (plus ``/_sim/faults``).
+
+    ``extra_routes`` (e.g. the simulated assistant's WebSocket routes ``/call/{id}/transport`` and
+    ``/call/{id}/twilio-stream``) are matched before the REST routes.
+    """
+    faults = faults or Faults()
+    api = VapiApi(state)
+
+    def route(path: str, handler: Handler, method: str, auth: bool = True) -> Route:
+        return Route(path, endpoint(state, handler, auth=auth), methods=[method])
+
+    routes = [
+        *(extra_routes or []),
+        route("/assistant", api.create_assistant, "POST"), route("/assistant", api.list_assistants, "GET"),
+        route("/assistant/{id}", api.get_assistant, "GET"), route("/assistant/{id}", api.update_assistant, "PATCH"),
+        route("/assistant/{id}", api.delete_assistant, "DELETE"),
+        route("/phone-number", api.create_number, "POST"), route("/phone-number", api.list_numbers, "GET"),
+        route("/phone-number/{id}", api.get_number, "GET"), route("/phone-number/{id}", api.update_number, "PATCH"),
+        route("/phone-number/{id}", api.delete_number, "DELETE"),
+        route("/call", api.create_call, "POST"), route("/call", api.list_calls, "GET"),
+        route("/call/{id}", api.get_call, "GET"),
+        # the control URL is a capability URL on Vapi's call host: no API key (monitorPlan defaults)
+        route("/call/{id}/control", api.control, "POST", auth=False),
+        Route("/twilio/inbound_call", api.twilio_inbound, methods=["POST"]),
+        *control_routes(faults),
+    ]
+
+    async def not_found(request: Request, exc: Exception) -> Response:
+        status = getattr(exc, "status_code", 404)
+        message = f"Cannot {request.method} {request.url.path}"
+        return JSONResponse(error_body(status, message), status_code=status)
+
+    app = Starlette(routes=routes, exception_handlers={404: not_found, 405: not_found},
+                    middleware=[Middleware(FaultMiddleware, faults=faults, error_body=_fault_body)])
+    app.state.sim = state
+    app.state.faults = faults
+    return app
