@@ -1,0 +1,297 @@
+"""The simulated caller: Twilio's side of one phone call, for real, over HTTP and WebSocket.
+
+``SimulatedCaller.call(voice_url, ...)`` posts the signed voice webhook, obeys the TwiML it gets
+(``Say``, ``Pause``, ``Connect/Stream``, ``Redirect``, ``Hangup``, ``Reject``), runs a Media Streams
+client for ``<Connect><Stream>`` and posts signed status callbacks at the end.
+
+The media client sends ``connected``, ``start``, 20 ms mu-law ``media`` frames (the caller's audio,
+then silence, paced in real time or ``speed`` times faster), ``dtmf`` and ``stop``, and it plays
+back what it receives like Twilio does: assistant audio is buffered and played at 1x, ``mark``s are
+echoed when playback reaches them, ``clear`` empties the buffer and echoes pending marks at once.
+What the caller heard, and when, is kept in the ``CallResult``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import collections
+import json
+import time
+import uuid
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass, field
+from typing import Any, Awaitable, Callable
+
+import httpx
+import websockets
+
+from .. import signing
+
+FRAME = 160            # 20 ms of mu-law
+FRAME_S = 0.02
+SILENCE = b"\xff" * FRAME
+
+
+def sid(prefix: str) -> str:
+    return prefix + uuid.uuid4().hex
+
+
+@dataclass
+class CallResult:
+    call_sid: str
+    stream_sid: str | None = None
+    status: str = "completed"
+    said: list[str] = field(default_factory=list)
+    twiml: list[str] = field(default_factory=list)
+    heard: bytearray = field(default_factory=bytearray)       # assistant audio actually played
+    received: bytearray = field(default_factory=bytearray)    # all assistant audio received
+    timeline: list[tuple[float, str, Any]] = field(default_factory=list)
+    clears: list[float] = field(default_factory=list)
+    clear_positions: list[int] = field(default_factory=list)  # len(heard) at each clear
+    marks_echoed: list[str] = field(default_factory=list)
+    media_after_clear: int = 0
+    webhook_ms: list[float] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    started: float = field(default_factory=time.monotonic)
+
+    def note(self, kind: str, data: Any = None) -> None:
+        self.timeline.append((round(time.monotonic() - self.started, 4), kind, data))
+
+    def first(self, kind: str) -> float | None:
+        return next((t for t, k, _ in self.timeline if k == kind), None)
+
+
+@dataclass
+class CallerPlan:
+    """What the caller does on the media stream."""
+
+    audio: bytes = b""                 # mu-law 8 kHz, sent from the start of the stream
+    hangup_after_s: float | None = 4.0  # then `stop` and close; None: wait for the server to close
+    dtmf: list[tuple[float, str]] = field(default_factory=list)   # (seconds, digit)
+    speed: float = 1.0                  # >1 sends faster than real time
+
+
+class Player:
+    """Twilio's playback buffer for one stream: plays at 1x, echoes marks, obeys clear."""
+
+    def __init__(self, result: CallResult, send: Callable[[dict], Awaitable[None]], stream_sid: str):
+        self.result, self.send, self.stream_sid = result, send, stream_sid
+        self.buffer: collections.deque[tuple[str, Any]] = collections.deque()
+        self.wake = asyncio.Event()
+        self.cleared_at: float | None = None
+
+    def add_audio(self, payload: bytes) -> None:
+        self.result.received += payload
+        for i in range(0, len(payload), FRAME):
+            self.buffer.append(("audio", payload[i:i + FRAME]))
+        self.wake.set()
+
+    def add_mark(self, name: str) -> None:
+        self.buffer.append(("mark", name))
+        self.wake.set()
+
+    async def clear(self) -> None:
+        marks = [item for kind, item in self.buffer if kind == "mark"]
+        self.buffer.clear()
+        for name in marks:
+            await self.echo(name)
+
+    async def echo(self, name: str) -> None:
+        self.result.marks_echoed.append(name)
+        await self.send({"event": "mark", "streamSid": self.stream_sid, "mark": {"name": name}})
+
+    async def run(self) -> None:
+        next_at = time.monotonic()
+        while True:
+            if not self.buffer:
+                self.wake.clear()
+                await self.wake.wait()
+                next_at = max(next_at, time.monotonic())
+                continue
+            kind, item = self.buffer.popleft()
+            if kind == "mark":
+                await self.echo(item)
+                continue
+            self.result.heard += item
+            next_at += len(item) / 8000
+            await asyncio.sleep(max(0.0, next_at - time.monotonic()))
+
+
+class SimulatedCaller:
+    def __init__(self, auth_token: str, account_sid: str = "AC" + "0" * 32, *,
+                 http: httpx.AsyncClient | None = None, webhook_hook: Callable[[str, dict], Awaitable[None]] | None = None):
+        self.token, self.account_sid = auth_token, account_sid
+        self.http = http or httpx.AsyncClient(timeout=15.0)  # Twilio's 15 s cap
+        self.webhook_hook = webhook_hook
+
+    async def aclose(self) -> None:
+        await self.http.aclose()
+
+    # --- webhooks -------------------------------------------------------------------------------
+    async def post(self, url: str, params: dict, result: CallResult | None = None) -> httpx.Response:
+        url = url.split("#", 1)[0]  # connection-override fragments are not signed
+        headers = {"X-Twilio-Signature": signing.twilio_signature(self.token, url, params),
+                   "I-Twilio-Idempotency-Token": str(uuid.uuid4()), "User-Agent": "TwilioProxy/1.1",
+                   "Content-Type": "application/x-www-form-urlencoded; charset=UTF-8", "X-Home-Region": "us1"}
+        started = time.monotonic()
+        response = await self.http.post(url, data=params, headers=headers)
+        if result is not None:
+            result.webhook_ms.append(round((time.monotonic() - started) * 1000, 2))
+        if self.webhook_hook:
+            await self.webhook_hook(url, params)
+        return response
+
+    def voice_params(self, call_sid: str, from_: str, to: str, status: str = "ringing") -> dict:
+        return {"AccountSid": self.account_sid, "ApiVersion": "2010-04-01", "CallSid": call_sid,
+                "CallStatus": status, "Called": to, "Caller": from_, "Direction": "inbound", "From": from_,
+                "To": to, "CallToken": "", "FromCountry": "US", "ToCountry": "US"}
+
+    # --- one call -------------------------------------------------------------------------------
+    async def call(self, voice_url: str, *, from_: str = "+15551230001", to: str = "+15551230002",
+                   plan: CallerPlan | None = None, status_callback: str | None = None,
+                   call_sid: str | None = None) -> CallResult:
+        plan = plan or CallerPlan()
+        result = CallResult(call_sid or sid("CA"))
+        params = self.voice_params(result.call_sid, from_, to)
+        url: str | None = voice_url
+        while url:
+            response = await self.post(url, params, result)
+            result.note("webhook", {"url": url, "status": response.status_code})
+            if response.status_code != 200:
+                result.errors.append(f"{url} answered {response.status_code}")
+                result.status = "failed"
+                break
+            url = await self.obey(response.text, result, plan)
+            params = {**params, "CallStatus": "in-progress"}
+        if status_callback:
+            duration = str(int(time.monotonic() - result.started))
+            await self.post(status_callback, {**params, "CallStatus": result.status, "CallDuration": duration})
+        result.note("ended", result.status)
+        return result
+
+    async def obey(self, twiml: str, result: CallResult, plan: CallerPlan) -> str | None:
+        """Run one TwiML document; returns the next URL to fetch, if any."""
+        result.twiml.append(twiml)
+        try:
+            root = ET.fromstring(twiml)
+        except ET.ParseError:
+            result.errors.append("12100 document parse failure")
+            result.status = "failed"
+            return None
+        if root.tag != "Response":
+            result.errors.append("12100 no <Response> root")
+            result.status = "failed"
+            return None
+        for verb in root:
+            if verb.tag == "Say":
+                result.said.append(verb.text or "")
+                result.note("say", verb.text)
+            elif verb.tag == "Pause":
+                await asyncio.sleep(int(verb.get("length", "1")) / plan.speed)
+            elif verb.tag in ("Hangup", "Reject"):
+                result.status = "busy" if verb.get("reason") == "busy" else "completed"
+                return None
+            elif verb.tag == "Redirect":
+                return (verb.text or "").strip()
+            elif verb.tag == "Connect":
+                stream = verb.find("Stream")
+                if stream is not None:
+                    custom = {p.get("name"): p.get("value") for p in stream.findall("Parameter")}
+                    await self.stream(stream.get("url", ""), custom, result, plan)
+                action = verb.get("action")
+                if action:
+                    return action
+            else:
+                result.errors.append(f"12200 unsupported verb <{verb.tag}>")
+        return None
+
+    # --- Media Streams ----------------------------------------------------------------------------
+    async def stream(self, url: str, custom: dict, result: CallResult, plan: CallerPlan) -> None:
+        result.stream_sid = stream_sid = sid("MZ")
+        headers = {"X-Twilio-Signature": signing.twilio_signature(self.token, url, {})}
+        try:
+            ws = await websockets.connect(url, additional_headers=headers, max_size=2**20)
+        except (OSError, websockets.WebSocketException) as exc:
+            result.errors.append(f"stream connect failed: {exc}")
+            result.note("stream-refused", str(exc))
+            return
+        sequence = 0
+
+        async def send(message: dict) -> None:
+            nonlocal sequence
+            sequence += 1
+            if message["event"] != "connected":
+                message["sequenceNumber"] = str(sequence)
+            try:
+                await ws.send(json.dumps(message))
+            except websockets.ConnectionClosed:
+                pass
+
+        player = Player(result, send, stream_sid)
+        await send({"event": "connected", "protocol": "Call", "version": "1.0.0"})
+        await send({"event": "start", "streamSid": stream_sid, "start": {
+            "accountSid": self.account_sid, "streamSid": stream_sid, "callSid": result.call_sid,
+            "tracks": ["inbound"], "customParameters": custom,
+            "mediaFormat": {"encoding": "audio/x-mulaw", "sampleRate": 8000, "channels": 1}}})
+        result.note("stream-start", stream_sid)
+        tasks = [asyncio.create_task(player.run()), asyncio.create_task(self._speak(send, stream_sid, plan, result))]
+        try:
+            async for raw in ws:
+                await self._on_server_message(raw, player, result)
+        except websockets.ConnectionClosed:
+            pass
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await ws.close()
+        result.note("stream-closed")
+
+    async def _on_server_message(self, raw: Any, player: Player, result: CallResult) -> None:
+        try:
+            message = json.loads(raw)
+            event = message["event"]
+        except (ValueError, TypeError, KeyError):
+            result.errors.append("server sent a non-JSON or eventless frame")
+            return
+        if event == "media":
+            payload = base64.b64decode(message["media"]["payload"])
+            if result.clears and player.cleared_at is not None:
+                result.media_after_clear += 1
+            player.add_audio(payload)
+            if len(result.received) == len(payload):
+                result.note("first-audio")
+        elif event == "mark":
+            player.add_mark(message["mark"]["name"])
+        elif event == "clear":
+            result.clears.append(time.monotonic())
+            result.clear_positions.append(len(result.heard))
+            player.cleared_at = time.monotonic()
+            result.note("clear")
+            await player.clear()
+        else:
+            result.errors.append(f"unknown event from server: {event}")
+
+    async def _speak(self, send, stream_sid: str, plan: CallerPlan, result: CallResult) -> None:
+        started = time.monotonic()
+        audio = plan.audio
+        dtmf = sorted(plan.dtmf)
+        chunk = 0
+        end_at = plan.hangup_after_s
+        while end_at is None or chunk * FRAME_S < end_at:
+            offset = chunk * FRAME
+            frame = audio[offset:offset + FRAME] if offset < len(audio) else SILENCE
+            frame = frame.ljust(FRAME, b"\xff")
+            chunk += 1
+            await send({"event": "media", "streamSid": stream_sid, "media": {
+                "track": "inbound", "chunk": str(chunk), "timestamp": str(chunk * 20),
+                "payload": base64.b64encode(frame).decode()}})
+            while dtmf and dtmf[0][0] <= chunk * FRAME_S:
+                await send({"event": "dtmf", "streamSid": stream_sid,
+                            "dtmf": {"track": "inbound_track", "digit": dtmf.pop(0)[1]}})
+            target = started + chunk * FRAME_S / plan.speed
+            await asyncio.sleep(max(0.0, target - time.monotonic()))
+        result.note("caller-hangup")
+        await send({"event": "stop", "streamSid": stream_sid,
+                    "stop": {"accountSid": self.account_sid, "callSid": result.call_sid}})

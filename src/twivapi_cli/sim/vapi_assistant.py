@@ -1,0 +1,267 @@
+"""The simulated assistant behind each simulated Vapi call.
+
+On the WebSocket transport (``/call/{id}/transport``) it behaves like Vapi's: caller audio arrives
+as binary frames in the negotiated format (mu-law 8 kHz or PCM16 16 kHz), the assistant "speaks" as
+binary frames paced in real time (or faster), and control messages go out as bare JSON text frames
+(``status-update``, ``speech-update``, ``transcript``, ``user-interrupted``, ``model-output``).
+An energy VAD on the caller's audio drives turn taking: speech over the assistant interrupts it.
+The same events are posted to the assistant's server URL as server messages (``{"message": ...}``)
+with the configured secret, plus ``conversation-update``, ``tool-calls`` (when the assistant has
+tools; the reply is checked) and, at the end, ``end-of-call-report`` with per-turn latency.
+
+Behaviours (``assistant.metadata.simulator.behavior``): ``answer`` (default: a greeting tone, then a
+reply tone after each caller utterance) or ``echo`` (sends back exactly what it heard, for bit-exact
+tests).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import json
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Awaitable, Callable
+
+from starlette.websockets import WebSocket, WebSocketDisconnect
+
+from .. import audio
+
+log = logging.getLogger("twivapi.sim")
+
+FRAME_MS = 20
+VAD_THRESHOLD_DBFS = -40.0
+VAD_START_FRAMES = 3      # 60 ms of speech starts a user turn
+VAD_STOP_FRAMES = 15      # 300 ms of silence ends it
+
+
+@dataclass
+class Script:
+    behavior: str = "answer"
+    greeting_ms: int = 1200
+    reply_ms: int = 800
+    model_latency_ms: int = 150
+    greeting_hz: float = 440.0
+    reply_hz: float = 660.0
+    speed: float = 1.0          # >1 speaks faster than real time
+    tools: list[str] = field(default_factory=list)
+
+    @classmethod
+    def from_assistant(cls, assistant: dict | None) -> "Script":
+        assistant = assistant or {}
+        options = ((assistant.get("metadata") or {}).get("simulator") or {})
+        tools = [t.get("function", {}).get("name") for t in (assistant.get("model") or {}).get("tools", [])
+                 if isinstance(t, dict) and t.get("function", {}).get("name")]
+        known = {k: v for k, v in options.items() if k in cls.__dataclass_fields__ and k != "tools"}
+        return cls(tools=tools, **known)
+
+
+Poster = Callable[[dict], Awaitable[Any]]
+
+
+class FormatCodec:
+    """Caller audio in / assistant audio out in the call's negotiated format."""
+
+    def __init__(self, audio_format: dict | None):
+        fmt = audio_format or {}
+        self.mulaw = fmt.get("format", "pcm_s16le") == "mulaw"
+        self.rate = int(fmt.get("sampleRate") or (8000 if self.mulaw else 16000))
+        self.frame_bytes = self.rate * FRAME_MS // 1000 * (1 if self.mulaw else 2)
+
+    def to_pcm(self, frame: bytes) -> bytes:
+        return audio.ulaw_to_pcm16(frame) if self.mulaw else frame
+
+    def tone_frames(self, hz: float, ms: int) -> list[bytes]:
+        pcm = audio.tone(hz, ms, rate=self.rate, amplitude=0.3)
+        data = audio.pcm16_to_ulaw(pcm) if self.mulaw else pcm
+        return [data[i:i + self.frame_bytes] for i in range(0, len(data), self.frame_bytes)]
+
+
+class SimulatedAssistant:
+    def __init__(self, call: dict, post: Poster | None, script: Script):
+        self.call, self.post, self.script = call, post, script
+        self.codec = FormatCodec((call.get("transport") or {}).get("audioFormat"))
+        self.ws: WebSocket | None = None
+        self.speaking: asyncio.Task | None = None
+        self.turn = 0
+        self.turn_id = uuid.uuid4().hex[:12]
+        self.voiced = self.silent = 0
+        self.user_talking = False
+        self.user_stopped_at: float | None = None
+        self.transcript: list[dict] = []
+        self.latencies: list[dict] = []
+        self.interruptions = 0
+        self.heard = bytearray()       # everything the caller sent, in the call's format
+        self.sent = bytearray()        # everything the assistant spoke
+        self.started = time.time()
+        self.ended_reason = "customer-ended-call"
+        self.closed = False
+
+    # --- transport ------------------------------------------------------------------------------
+    async def run(self, websocket: WebSocket) -> None:
+        self.ws = websocket
+        await websocket.accept()
+        self.call["status"] = "in-progress"
+        await self.emit({"type": "status-update", "status": "in-progress"})
+        if self.script.behavior == "answer":
+            self.speak(self.script.greeting_hz, self.script.greeting_ms, first=True)
+        try:
+            while True:
+                message = await websocket.receive()
+                if message["type"] == "websocket.disconnect":
+                    break
+                if message.get("bytes") is not None:
+                    await self.on_audio(message["bytes"])
+                elif message.get("text") is not None and await self.on_control(message["text"]):
+                    break
+        except WebSocketDisconnect:
+            pass
+        finally:
+            await self.end()
+
+    async def send_json(self, message: dict) -> None:
+        try:
+            await self.ws.send_text(json.dumps(message))
+        except (WebSocketDisconnect, RuntimeError):
+            pass
+
+    async def emit(self, message: dict, *, server: bool = True) -> None:
+        """Send a control message on the socket and, as a server message, to the server URL."""
+        await self.send_json(message)
+        if server and self.post is not None:
+            asyncio.create_task(self.post(self.envelope(message)))
+
+    def envelope(self, message: dict) -> dict:
+        return {**message, "timestamp": int(time.time() * 1000), "call": self.call_summary()}
+
+    def call_summary(self) -> dict:
+        keys = ("id", "orgId", "type", "status", "assistantId", "metadata", "createdAt", "monitor")
+        return {k: self.call[k] for k in keys if k in self.call}
+
+    async def on_control(self, text: str) -> bool:
+        try:
+            message = json.loads(text)
+        except ValueError:
+            return False
+        kind = message.get("type") if isinstance(message, dict) else None
+        if kind in ("end-call", "hangup"):
+            self.ended_reason = "customer-ended-call"
+            return True
+        if kind == "add-message":
+            content = (message.get("message") or {}).get("content", "")
+            self.transcript.append({"role": "user", "message": str(content)})
+            if message.get("triggerResponseEnabled") and self.script.behavior == "answer":
+                self.speak(self.script.reply_hz, self.script.reply_ms)
+        elif kind == "say":
+            self.speak(self.script.reply_hz, self.script.reply_ms)
+        return False
+
+    # --- listening (energy VAD) -----------------------------------------------------------------
+    async def on_audio(self, frame: bytes) -> None:
+        self.heard += frame
+        if self.script.behavior == "echo":
+            await self._send_audio(frame)
+            return
+        loud = audio.rms_dbfs(self.codec.to_pcm(frame)) > VAD_THRESHOLD_DBFS
+        self.voiced, self.silent = (self.voiced + 1, 0) if loud else (0, self.silent + 1)
+        if not self.user_talking and self.voiced >= VAD_START_FRAMES:
+            await self.user_started()
+        elif self.user_talking and self.silent >= VAD_STOP_FRAMES:
+            await self.user_stopped()
+
+    async def user_started(self) -> None:
+        self.user_talking = True
+        if self.speaking and not self.speaking.done():
+            self.speaking.cancel()
+            self.interruptions += 1
+            await self.emit({"type": "user-interrupted", "turnId": self.turn_id})
+            await self.emit({"type": "speech-update", "status": "stopped", "role": "assistant", "turn": self.turn})
+        await self.emit({"type": "speech-update", "status": "started", "role": "user", "turn": self.turn})
+
+    async def user_stopped(self) -> None:
+        self.user_talking = False
+        self.user_stopped_at = time.monotonic()
+        await self.emit({"type": "speech-update", "status": "stopped", "role": "user", "turn": self.turn})
+        text = f"(simulated caller utterance {len(self.transcript) + 1})"
+        self.transcript.append({"role": "user", "message": text})
+        await self.emit({"type": "transcript", "role": "user", "transcriptType": "final", "transcript": text})
+        if self.script.tools and self.post is not None:
+            await self.call_tool(self.script.tools[0])
+        self.speak(self.script.reply_hz, self.script.reply_ms, delay_ms=self.script.model_latency_ms)
+
+    async def call_tool(self, name: str) -> None:
+        tool_call = {"id": f"call_{uuid.uuid4().hex[:16]}", "type": "function",
+                     "function": {"name": name, "arguments": {"order_id": "A1"}}}
+        message = self.envelope({"type": "tool-calls", "toolCallList": [tool_call],
+                                 "toolWithToolCallList": [{"type": "function", "function": {"name": name},
+                                                           "toolCall": tool_call}]})
+        reply = await self.post(message)
+        results = (reply or {}).get("results") if isinstance(reply, dict) else None
+        self.call.setdefault("toolResults", []).append(results)
+
+    # --- speaking -------------------------------------------------------------------------------
+    def speak(self, hz: float, ms: int, *, first: bool = False, delay_ms: int = 0) -> None:
+        if self.speaking and not self.speaking.done():
+            self.speaking.cancel()
+        self.speaking = asyncio.create_task(self._speak(hz, ms, first, delay_ms))
+
+    async def _speak(self, hz: float, ms: int, first: bool, delay_ms: int) -> None:
+        await asyncio.sleep(delay_ms / 1000 / self.script.speed)
+        self.turn += 1
+        self.turn_id = uuid.uuid4().hex[:12]
+        await self.emit({"type": "speech-update", "status": "started", "role": "assistant", "turn": self.turn})
+        await self.emit({"type": "model-output", "output": "Hello" if first else "Sure", "turnId": self.turn_id},
+                        server=False)
+        if self.user_stopped_at is not None:
+            self.latencies.append({"turnLatency": round((time.monotonic() - self.user_stopped_at) * 1000),
+                                   "modelLatency": self.script.model_latency_ms})
+            self.user_stopped_at = None
+        started = time.monotonic()
+        for i, frame in enumerate(self.codec.tone_frames(hz, ms)):
+            await self._send_audio(frame)
+            target = started + (i + 1) * FRAME_MS / 1000 / self.script.speed
+            await asyncio.sleep(max(0.0, target - time.monotonic()))
+        self.transcript.append({"role": "assistant", "message": "Hello" if first else "Sure"})
+        await self.emit({"type": "speech-update", "status": "stopped", "role": "assistant", "turn": self.turn})
+
+    async def _send_audio(self, frame: bytes) -> None:
+        self.sent += frame
+        try:
+            await self.ws.send_bytes(frame)
+        except (WebSocketDisconnect, RuntimeError):
+            pass
+
+    # --- the end --------------------------------------------------------------------------------
+    async def end(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        if self.speaking:
+            self.speaking.cancel()
+        self.call["status"] = "ended"
+        self.call["endedReason"] = self.ended_reason
+        self.call["endedAt"] = _iso(time.time())
+        status = {"type": "status-update", "status": "ended", "endedReason": self.ended_reason}
+        await self.send_json(status)
+        if self.post is None:
+            return
+        await self.post(self.envelope(status))
+        await self.post(self.envelope(self.report()))
+
+    def report(self) -> dict:
+        turns = [t["turnLatency"] for t in self.latencies]
+        metrics = {"turnLatencies": self.latencies, "numUserInterrupted": self.interruptions,
+                   "numAssistantInterrupted": 0,
+                   "turnLatencyAverage": round(sum(turns) / len(turns), 1) if turns else 0,
+                   "modelLatencyAverage": self.script.model_latency_ms}
+        text = " ".join(f"{'AI' if t['role'] == 'assistant' else 'User'}: {t['message']}" for t in self.transcript)
+        return {"type": "end-of-call-report", "endedReason": self.ended_reason,
+                "startedAt": _iso(self.started), "endedAt": _iso(time.time()), "cost": 0,
+                "artifact": {"transcript": text, "messages": self.transcript, "performanceMetrics": metrics},
+                "analysis": {"summary": f"Simulated call with {len(self.transcript)} turns."}}
+
+
+def _iso(ts: float) -> str:
+    return datetime.datetime.fromtimestamp(ts, datetime.timezone.utc).isoformat().replace("+00:00", "Z")

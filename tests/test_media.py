@@ -1,0 +1,152 @@
+"""WS /twilio/media end to end: simulated caller -> bridge -> simulated Vapi assistant, for real."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+
+import pytest
+
+from twivapi_cli import audio
+from twivapi_cli.models import CallState
+from twivapi_cli.sim.twilio_caller import CallerPlan, SimulatedCaller
+from twivapi_cli.store.memory import MemoryStore
+
+from .sims import vapi_sim
+from .support import PUBLIC, TOKEN, bridge_settings, running_bridge
+
+
+@pytest.fixture(scope="module")
+def vapi():
+    with vapi_sim() as sim:
+        yield sim
+
+
+def public_bridge(bridge) -> str:
+    """The bridge's local URL stands in for the public one (the caller signs what it requests)."""
+    return bridge.url
+
+
+def run_call(bridge, plan: CallerPlan, **kwargs):
+    async def go():
+        caller = SimulatedCaller(TOKEN)
+        try:
+            return await caller.call(bridge.url + "/twilio/voice", plan=plan,
+                                     status_callback=bridge.url + "/twilio/status", **kwargs)
+        finally:
+            await caller.aclose()
+    return asyncio.run(go())
+
+
+def local_settings(vapi, **extra):
+    # the bridge validates signatures against the URL the caller really uses: its loopback address
+    return bridge_settings(vapi.url, **extra)
+
+
+@pytest.fixture
+def bridge_factory(vapi):
+    def make(behavior="answer", audio_format="mulaw-8k", **script):
+        vapi.set_script(behavior=behavior, **script)
+        settings = local_settings(vapi, TWIVAPI_AUDIO_FORMAT=audio_format)
+        return running_bridge(settings, MemoryStore(), public_from_server=True)
+    return make
+
+
+def speech(ms_silence_before: int, ms_voice: int, hz: float = 300.0, ms_after: int = 0) -> bytes:
+    pcm = audio.tone(hz, ms_voice, rate=8000, amplitude=0.5)
+    return audio.silence_mulaw(ms_silence_before) + audio.pcm16_to_ulaw(pcm) + audio.silence_mulaw(ms_after)
+
+
+def test_echo_is_bit_exact_in_mulaw(bridge_factory, vapi):
+    with bridge_factory(behavior="echo") as bridge:
+        sent = speech(200, 800, hz=437.0, ms_after=400)
+        result = run_call(bridge, CallerPlan(audio=sent, hangup_after_s=2.0))
+    assert not result.errors, result.errors
+    heard = bytes(result.heard)
+    start = heard.find(sent[1600:1600 + 320])  # the echo arrives after the round trip; find where it starts
+    assert start >= 0, "the caller's own audio did not come back"
+    segment = sent[1600:1600 + 8 * 400]
+    assert heard[start:start + len(segment)] == segment
+
+
+def test_greeting_is_heard_and_session_ends_once(bridge_factory, vapi):
+    with bridge_factory(greeting_ms=600) as bridge:
+        result = run_call(bridge, CallerPlan(hangup_after_s=1.5))
+        session = bridge.session(result.call_sid)
+        events = [e.type for e in bridge.events(result.call_sid)]
+    assert not result.errors, result.errors
+    assert len(result.heard) >= 8 * 500  # most of the 600 ms greeting
+    assert session.state == CallState.ENDED
+    assert events.count("media.stop") == 1
+    assert [e for e in events if e == "state"]
+
+
+def test_barge_in_sends_clear_and_no_stale_audio(bridge_factory, vapi):
+    with bridge_factory(greeting_ms=3000) as bridge:
+        sent = speech(800, 600, ms_after=1500)   # caller talks over the greeting at 0.8 s
+        result = run_call(bridge, CallerPlan(audio=sent, hangup_after_s=3.0))
+        clears = [e for e in bridge.events(result.call_sid) if e.type == "media.clear"]
+    assert not result.errors, result.errors
+    assert len(result.clears) == 1, result.timeline
+    assert len(clears) == 1 and clears[0].data["ms"] < 50
+    # What the caller heard after the clear is the reply (660 Hz), none of the greeting (440 Hz).
+    after = audio.ulaw_to_pcm16(bytes(result.heard[result.clear_positions[0]:]))
+    assert len(after) > 2 * 8000 * 0.3, "the reply after the interruption was not heard"
+    assert tone_power(after, 440.0) < 0.01 * tone_power(after, 660.0)
+    assert len(result.heard) < 8 * 3000 * 0.8  # the 3 s greeting was cut short
+
+
+def tone_power(pcm: bytes, hz: float, rate: int = 8000) -> float:
+    """Goertzel power of one frequency: how much of a tone is in the signal."""
+    import array
+    samples = array.array("h", pcm)
+    coeff = 2 * math.cos(2 * math.pi * hz / rate)
+    s1 = s2 = 0.0
+    for x in samples:
+        s1, s2 = x + coeff * s1 - s2, s1
+    return s1 * s1 + s2 * s2 - coeff * s1 * s2
+
+
+def test_early_caller_audio_is_buffered_not_lost(vapi):
+    vapi.set_script(behavior="echo")
+    vapi.set_call_delay(0.5)  # POST /call answers late: the caller's first frames arrive before Vapi
+    try:
+        with running_bridge(local_settings(vapi), MemoryStore(), public_from_server=True) as bridge:
+            sent = speech(0, 400, hz=523.0, ms_after=200)
+            result = run_call(bridge, CallerPlan(audio=sent, hangup_after_s=2.0))
+            opened = [e for e in bridge.events(result.call_sid) if e.type == "media.vapi-open"]
+    finally:
+        vapi.set_call_delay(0.0)
+    assert opened and opened[0].data["early_frames"] >= 10
+    assistant = vapi.last_assistant()
+    assert bytes(assistant.heard[:len(sent)]) == sent  # every early frame, in order
+
+
+def test_pcm16_mode_transcodes_both_ways(bridge_factory, vapi):
+    with bridge_factory(behavior="echo", audio_format="pcm16-16k") as bridge:
+        sent = speech(100, 1000, hz=1000.0, ms_after=300)
+        result = run_call(bridge, CallerPlan(audio=sent, hangup_after_s=2.0))
+    assistant = vapi.last_assistant()
+    # Vapi got PCM16 at 16 kHz: 640 bytes for every 160-byte frame the caller sent in its 2 s
+    assert len(assistant.heard) % 640 == 0 and len(assistant.heard) >= 640 * 90
+    heard_pcm = audio.ulaw_to_pcm16(bytes(result.heard))
+    tone_part = heard_pcm[2 * 8000 // 5: 2 * 8000 // 5 + 2 * 4000]   # 500 ms inside the echoed tone
+    assert audio.sinad_db(tone_part, 1000.0, 8000) >= 30
+
+
+def test_dtmf_is_forwarded_to_vapi(bridge_factory, vapi):
+    with bridge_factory(behavior="echo") as bridge:
+        result = run_call(bridge, CallerPlan(hangup_after_s=1.0, dtmf=[(0.3, "5")]))
+        dtmf = [e for e in bridge.events(result.call_sid) if e.type == "media.dtmf"]
+    assert dtmf and dtmf[0].data["digit"] == "5"
+    assert any("pressed 5" in t["message"] for t in vapi.last_assistant().transcript)
+
+
+def test_unsigned_handshake_is_refused(bridge_factory):
+    import websockets
+    with bridge_factory() as bridge:
+        async def go():
+            with pytest.raises(websockets.InvalidStatus):
+                await websockets.connect(bridge.url.replace("http", "ws") + "/twilio/media")
+        asyncio.run(go())
