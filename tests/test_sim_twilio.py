@@ -10,7 +10,10 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import signal
 import socket
+import subprocess
+import sys
 from functools import lru_cache
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -376,6 +379,31 @@ def test_sim_command_on_a_busy_port_exits_3_with_one_line(tmp_path, monkeypatch)
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and f"127.0.0.1:{port}" in lines[0] and "--twilio-port" in lines[0]
     assert "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM])
+def test_sim_command_runs_until_interrupted(tmp_path, stop):
+    """The real command: eval-able settings on stdout, working simulators, a clean stop (exit 0)."""
+    command = [str(Path(sys.executable).with_name("twivapi")), "sim", "--twilio-port", "0", "--vapi-port", "0"]
+    process = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        env = {}
+        while "VAPI_WEBHOOK_SECRET" not in env:
+            line = process.stdout.readline()
+            assert line, process.stderr.read()
+            name, _, value = line.strip().partition("=")
+            env[name] = value
+        auth = (env["TWILIO_ACCOUNT_SID"], env["TWILIO_AUTH_TOKEN"])
+        account = httpx.get(f"{env['TWILIO_API_BASE_URL']}/2010-04-01/Accounts/{auth[0]}.json", auth=auth)
+        assert account.status_code == 200 and env["TWILIO_ACCOUNT_SID"] == DEMO_ACCOUNT_SID
+        headers = {"Authorization": f"Bearer {env['VAPI_API_KEY']}"}
+        assert httpx.get(f"{env['VAPI_BASE_URL']}/assistant", headers=headers).json() == []
+        process.send_signal(stop)
+        assert process.wait(10) == 0
+        assert "simulators stopped" in process.stderr.read()
+    finally:
+        process.kill()
+        process.wait()
 
 
 def test_sim_command_prints_evaluable_settings_without_echoing_user_secrets():

@@ -11,6 +11,7 @@ Used by the tests, ``twivapi sim`` (foreground) and ``twivapi demo``.
 
 from __future__ import annotations
 
+import signal
 import threading
 from dataclasses import dataclass
 from typing import Any
@@ -69,9 +70,8 @@ def _bind(host: str, port: int, flag: str):
     try:
         return bind(host, port)
     except OSError as exc:
-        raise TwivapiError(f"cannot listen on {host}:{port} ({exc.strerror or exc})",
-                           hint=f"is another simulator running? choose another port with {flag} (0 = any free port)"
-                           ) from None
+        raise TwivapiError(f"cannot listen on {host}:{port}: {exc.strerror or exc}",
+                           hint=f"choose another port with {flag}; 0 = any free port") from None
 
 
 def start_sims(state: SimState | None = None, *, host: str = "127.0.0.1", twilio_port: int = 0,
@@ -96,9 +96,15 @@ def start_sims(state: SimState | None = None, *, host: str = "127.0.0.1", twilio
     return RunningSims(state, twilio, vapi, twilio_faults, vapi_faults)
 
 
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
 def run_until_interrupted(sims: RunningSims) -> None:
-    """Block the main thread until Ctrl-C (the servers run on their own threads)."""
+    """Block the main thread until Ctrl-C or SIGTERM (the servers run on their own threads)."""
     stop = threading.Event()
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _interrupt)     # `kill` stops it as cleanly as Ctrl-C
     try:
         while not stop.wait(0.5):
             if not (sims.twilio.thread.is_alive() and sims.vapi.thread.is_alive()):

@@ -33,12 +33,15 @@ import uuid
 from functools import lru_cache
 from importlib import resources
 from typing import Any, Awaitable, Callable
+from urllib.parse import parse_qsl
 
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
+from twilio.request_validator import RequestValidator
+from twilio.twiml.voice_response import VoiceResponse
 
 from .faults import FaultMiddleware, Faults, control_routes
 from .state import SimCall, SimState, VapiCall, iso, now, twilio_sid
@@ -185,7 +188,7 @@ def _base(request: Request) -> str:
 
 
 def _ws_base(request: Request) -> str:
-    return "ws" + _base(request)[4:] if _base(request).startswith("http") else _base(request)
+    return "ws" + _base(request)[4:]          # http://h → ws://h, https://h → wss://h
 
 
 def _limit(request: Request) -> int:
@@ -194,22 +197,19 @@ def _limit(request: Request) -> int:
     except ValueError:
         raise VapiError(400, ["limit must be a number conforming to the specified constraints"]) from None
     if not 0 <= limit <= 1000:
-        raise VapiError(400, ["limit must not be greater than 1000" if limit > 1000 else "limit must not be less than 0"])
+        raise VapiError(400, [f"limit must not be {'greater than 1000' if limit > 1000 else 'less than 0'}"])
     return limit
 
 
 def _newest_first(records: list[dict], request: Request) -> list[dict]:
-    return sorted(records, key=lambda r: r["createdAt"], reverse=True)[:_limit(request)]
+    """Records in creation order (dict order), newest first, at most ``limit`` of them."""
+    return records[::-1][:_limit(request)]
 
 
 def stream_twiml(url: str) -> str:
     """The TwiML a bypass call / an imported number answers with: stream the caller to Vapi."""
-    from twilio.twiml.voice_response import Connect, VoiceResponse
-
     response = VoiceResponse()
-    connect = Connect()
-    connect.stream(url=url)
-    response.append(connect)
+    response.connect().stream(url=url)
     return str(response)
 
 
@@ -313,39 +313,24 @@ class VapiApi:
     # calls
     async def create_call(self, request: Request, body: Any) -> Response:
         check(body, "CreateCallDTO", CALL_EXTRAS)
-        unsupported = [k for k in ("customers", "squadId", "squad", "workflowId", "workflow") if body.get(k)]
-        if unsupported:
-            raise VapiError(400, f"The simulator does not support {', '.join(unsupported)}: use an assistant.")
         kind = self._call_kind(body)
         assistant = _merge(self._assistant(body), body.get("assistantOverrides"))
         number = None if kind == "websocket" else self._phone_number(body)
-        if kind != "websocket" and not (body.get("customer") or {}).get("number"):
-            raise VapiError(400, ["customer.number should not be empty"])
         server = self._server(assistant, number)
         if assistant is None and server is None:
             raise VapiError(400, "Couldn't Get Assistant. Need Either `assistant`, `assistantId`, `squad`, "
                                  "`squadId`, or a server URL for assistant-request.")
         record = self._stamp(body)
         record.update(status="queued", cost=0, monitor=self._monitor(request, record["id"]))
-        stream_url = f"{_ws_base(request)}/call/{record['id']}/twilio-stream"
-        audio = TWILIO_AUDIO
-        if kind == "websocket":
-            audio = body["transport"].get("audioFormat") or DEFAULT_AUDIO
-            record.update(type="vapi.websocketCall", transport={
-                **body["transport"], "audioFormat": audio,
-                "websocketCallUrl": f"{_ws_base(request)}/call/{record['id']}/transport"})
-        elif kind == "bypass":
-            record.update(type="inboundPhoneCall", phoneCallProvider="twilio", phoneCallTransport="pstn",
-                          phoneCallProviderDetails={"twiml": stream_twiml(stream_url)})
-        else:
-            record.update(type="outboundPhoneCall", phoneCallProvider="twilio", phoneCallTransport="pstn")
-            self._dial(record, number, stream_url)
-        call = VapiCall(record["id"], record, kind, assistant=assistant, server=server, audio_format=audio)
-        self.vapi.add_call(call)
+        audio = self._connect(record, kind, f"{_ws_base(request)}/call/{record['id']}", number)
+        self.vapi.add_call(VapiCall(record["id"], record, kind, assistant=assistant, server=server, audio_format=audio))
         return JSONResponse(record, status_code=201)
 
     @staticmethod
     def _call_kind(body: dict) -> str:
+        unsupported = [k for k in ("customers", "squadId", "squad", "workflowId", "workflow") if body.get(k)]
+        if unsupported:
+            raise VapiError(400, f"The simulator does not support {', '.join(unsupported)}: use an assistant.")
         transport = body.get("transport")
         if transport:
             if transport.get("provider") != "vapi.websocket":
@@ -354,7 +339,25 @@ class VapiApi:
             if body.get("phoneNumberId") or body.get("phoneNumber"):
                 raise VapiError(400, ["phoneNumberId and phoneNumber are not allowed with transport vapi.websocket"])
             return "websocket"
+        if not (body.get("customer") or {}).get("number"):
+            raise VapiError(400, ["customer.number should not be empty"])
         return "bypass" if body.get("phoneCallProviderBypassEnabled") else "phone"
+
+    def _connect(self, record: dict, kind: str, socket_base: str, number: dict | None) -> dict:
+        """Say in the record how the call's audio reaches Vapi; returns that path's audio format."""
+        if kind == "websocket":
+            audio = record["transport"].get("audioFormat") or DEFAULT_AUDIO
+            record.update(type="vapi.websocketCall", transport={
+                **record["transport"], "audioFormat": audio, "websocketCallUrl": f"{socket_base}/transport"})
+            return audio
+        record.update(phoneCallProvider="twilio", phoneCallTransport="pstn")
+        if kind == "bypass":
+            record.update(type="inboundPhoneCall",
+                          phoneCallProviderDetails={"twiml": stream_twiml(f"{socket_base}/twilio-stream")})
+        else:
+            record["type"] = "outboundPhoneCall"
+            self._dial(record, number, f"{socket_base}/twilio-stream")
+        return TWILIO_AUDIO
 
     def _assistant(self, body: dict) -> dict | None:
         if body.get("assistantId"):
@@ -429,10 +432,6 @@ class VapiApi:
 
     async def twilio_inbound(self, request: Request) -> Response:
         """Twilio's voice webhook for an imported number: start an inbound call, stream it to Vapi."""
-        from urllib.parse import parse_qsl
-
-        from twilio.request_validator import RequestValidator
-
         params = dict(parse_qsl((await request.body()).decode("utf-8", "replace"), keep_blank_values=True))
         number = next((n for n in self.vapi.phone_numbers.values() if n["number"] == params.get("To")), None)
         if number is None:
@@ -462,8 +461,6 @@ CONTROL_SCHEMAS = {"add-message": "ClientInboundMessageAddMessage", "control": "
 
 
 def _say(text: str) -> str:
-    from twilio.twiml.voice_response import VoiceResponse
-
     response = VoiceResponse()
     response.say(text)
     response.hangup()
