@@ -34,11 +34,11 @@ SPEC_DIRS = (Path(__file__).resolve().parents[2] / "shared" / "specs", Path("/wo
 # --- the spec --------------------------------------------------------------------------------------
 
 @lru_cache(maxsize=1)
-def twilio_spec() -> dict:
+def twilio_spec() -> dict | None:
     for folder in SPEC_DIRS:
         if (folder / "twilio_api_v2010.json").is_file():
             return json.loads((folder / "twilio_api_v2010.json").read_text())
-    pytest.skip("shared/specs/twilio_api_v2010.json not found")
+    return None
 
 
 def openapi_to_jsonschema(node):
@@ -172,6 +172,8 @@ def client(sims):
     sdk.api.base_url = sims.twilio_url
     yield sdk
     assert http.exchanges
+    if twilio_spec() is None:       # shared/specs/ missing: the wire checks cannot run
+        return
     for exchange in http.exchanges:
         check_exchange(*exchange)
 
@@ -179,6 +181,12 @@ def client(sims):
 def buy(client, area_code: int = 415, **options):
     offered = client.api.v2010.account.available_phone_numbers("US").local.list(area_code=area_code, limit=1)
     return client.incoming_phone_numbers.create(phone_number=offered[0].phone_number, **options)
+
+
+def test_the_spec_checks_can_run():
+    if twilio_spec() is None:
+        pytest.skip("shared/specs/twilio_api_v2010.json not found: SDK exchanges are not checked on the spec")
+    assert operation("POST", "/2010-04-01/Accounts/AC1/Calls/CA1.json")["operationId"] == "UpdateCall"
 
 
 # --- numbers ---------------------------------------------------------------------------------------
