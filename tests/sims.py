@@ -43,7 +43,7 @@ class VapiSim:
         call_id = str(uuid.uuid4())
         base = str(request.base_url).rstrip("/")
         call = {"id": call_id, "status": "queued", "type": "vapi.websocketCall", "assistantId": body.get("assistantId"),
-                "metadata": body.get("metadata", {}), "transport": {**body.get("transport", {}),
+                "assistantOverrides": body.get("assistantOverrides", {}), "transport": {**body.get("transport", {}),
                 "websocketCallUrl": base.replace("http", "ws") + f"/call/{call_id}/transport"},
                 "monitor": {"controlUrl": f"{base}/call/{call_id}/control"}}
         self.calls[call_id] = call

@@ -141,7 +141,7 @@ def test_message_with_unknown_vapi_id_waits_for_the_call_to_be_linked(vapi):
         b.voice(sid)
         # Vapi's first message can beat POST /call's answer; here it names the call by metadata only.
         b.vapi({"type": "status-update", "status": "in-progress",
-                "call": {"id": "unknown-yet", "metadata": {"twilioCallSid": sid}}})
+                "call": {"id": "unknown-yet", "assistantOverrides": {"metadata": {"twilioCallSid": sid}}}})
         wait_for(lambda: b.session(sid).state == CallState.ACTIVE, timeout=5)
 
 

@@ -57,7 +57,7 @@ def test_stream_mode_answers_connect_stream_and_creates_the_vapi_call(bridge, va
     assert f'<Parameter name="callSid" value="{sid}" />' in response.text
     session = wait_for(lambda: (s := bridge.session(sid)) and s.state == CallState.READY and s)
     assert session.vapi_call_id
-    created = [c for c in vapi_state["calls"] if c.get("metadata", {}).get("twilioCallSid") == sid]
+    created = [c for c in vapi_state["calls"] if c.get("assistantOverrides", {}).get("metadata", {}).get("twilioCallSid") == sid]
     assert created[0]["transport"]["audioFormat"] == {"format": "mulaw", "container": "raw", "sampleRate": 8000}
 
 
@@ -234,11 +234,11 @@ def test_bypass_mode_returns_vapis_twiml(vapi, vapi_state, tmp_path):
         sid = new_call_sid()
         response = b.voice(sid)
         assert response.status_code == 200 and '<Stream url="wss://vapi/' in response.text
-        body = [c for c in vapi_state["calls"] if c.get("metadata", {}).get("twilioCallSid") == sid][0]
+        body = [c for c in vapi_state["calls"] if c.get("assistantOverrides", {}).get("metadata", {}).get("twilioCallSid") == sid][0]
         assert body["phoneCallProviderBypassEnabled"] is True and body["customer"] == {"number": "+15551112222"}
         retry = b.voice(sid)  # Twilio's retry: same answer, no second Vapi call
         assert retry.text == response.text
-        assert len([c for c in vapi_state["calls"] if c.get("metadata", {}).get("twilioCallSid") == sid]) == 1
+        assert len([c for c in vapi_state["calls"] if c.get("assistantOverrides", {}).get("metadata", {}).get("twilioCallSid") == sid]) == 1
 
 
 def test_bypass_mode_times_out_into_fallback(vapi, vapi_state):

@@ -257,6 +257,16 @@ def sinad_db(pcm: bytes, freq_hz: float, rate: int) -> float:
     return 10 * math.log10(signal / noise) if noise > 0 else math.inf
 
 
+def tone_level_db(pcm: bytes, freq_hz: float, rate: int) -> float:
+    """Level of one frequency in the signal, dBFS (a single-bin DFT): is this tone in there?"""
+    x = np.frombuffer(pcm, dtype="<i2").astype(np.float64)
+    if not len(x):
+        return -math.inf
+    phase = 2 * np.pi * freq_hz * np.arange(len(x)) / rate
+    amplitude = 2 * math.hypot(float(x @ np.cos(phase)), float(x @ np.sin(phase))) / len(x)
+    return 20 * math.log10(amplitude / 32768) if amplitude > 0 else -math.inf
+
+
 def read_wav(path_or_bytes) -> tuple[bytes, int]:
     """(PCM16 mono bytes, sample rate) from a 16-bit PCM or mu-law WAV file."""
     source = io.BytesIO(path_or_bytes) if isinstance(path_or_bytes, bytes) else path_or_bytes

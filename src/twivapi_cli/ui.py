@@ -24,19 +24,23 @@ def demo_report(report) -> Group:
     for column in ("call", "result", "webhook ack", "Vapi setup", "first audio", "barge-in -> clear", "checks"):
         table.add_column(column)
     for call in report.calls:
-        checks = Text()
-        for name, ok in call.checks:
-            checks.append(("✔ " if ok else "✘ ") + name + "\n", style="green" if ok else "red bold")
+        failed = [name for name, ok in call.checks if not ok]
+        checks = Text(f"✔ {len(call.checks)}/{len(call.checks)}", style="green") if not failed else \
+            Text("✘ " + "; ".join(failed), style="red bold")
         table.add_row(call.name, Text("ok" if call.ok else "FAILED", style="green" if call.ok else "red bold"),
                       _ms(call.figures.get("webhook_ack_ms")), _ms(call.figures.get("vapi_setup_ms")),
                       _ms(call.figures.get("first_audio_ms")), _ms(call.figures.get("barge_in_to_clear_ms")),
                       checks)
     timelines = []
     for call in report.calls:
-        line = Text(f"{call.name:<13}", style="bold")
-        line.append("  ".join(f"{t:5.2f}s {kind}" for t, kind in call.timeline))
+        line = Text(f"{call.name}: ", style="bold")
+        line.append(" → ".join(f"{kind} {t:.2f}s" for t, kind in call.timeline))
         timelines.append(line)
+    checks_table = Table(show_header=False, box=None, padding=(0, 1))
+    for call in report.calls:
+        checks_table.add_row(Text(call.name, style="bold"), Text(", ".join(
+            ("✔ " if ok else "✘ ") + name for name, ok in call.checks)))
     verdict = Text("every call behaved" if report.ok else "some calls misbehaved",
                    style="green bold" if report.ok else "red bold")
-    return Group(table, Panel(Group(*timelines), title="timelines (seconds from dialing)", title_align="left"),
-                 verdict)
+    return Group(table, Panel(checks_table, title="checks", title_align="left"),
+                 Panel(Group(*timelines), title="timelines (seconds from dialing)", title_align="left"), verdict)

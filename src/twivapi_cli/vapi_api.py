@@ -97,8 +97,8 @@ class VapiClient:
                                     metadata: dict | None = None, timeout: float | None = None) -> dict:
         body = {"assistantId": assistant_id,
                 "transport": {"provider": "vapi.websocket", "audioFormat": AUDIO_FORMATS[audio_format]}}
-        if metadata:
-            body["metadata"] = metadata
+        if metadata:  # CreateCallDTO has no top-level metadata; the assistant overrides do
+            body["assistantOverrides"] = {"metadata": metadata}
         call = await self.request("POST", "/call", json=body, timeout=timeout)
         if not isinstance(call, dict) or not call.get("id"):
             raise VapiApiError("Vapi POST /call answered without a call id")
@@ -109,7 +109,7 @@ class VapiClient:
         body = {"assistantId": assistant_id, "phoneNumberId": phone_number_id,
                 "phoneCallProviderBypassEnabled": True, "customer": {"number": customer_number}}
         if metadata:
-            body["metadata"] = metadata
+            body["assistantOverrides"] = {"metadata": metadata}
         call = await self.request("POST", "/call", json=body, timeout=timeout)
         twiml = (call or {}).get("phoneCallProviderDetails", {}).get("twiml") if isinstance(call, dict) else None
         if not twiml:

@@ -51,9 +51,12 @@ def parse_message(body: bytes) -> dict:
 
 def call_ids(message: dict) -> tuple[str | None, str | None]:
     """(Twilio CallSid, Vapi call id). The CallSid is call.phoneCallProviderId, or the metadata we
-    set on POST /call for WebSocket-transport calls."""
+    set in assistantOverrides on POST /call (WebSocket-transport calls have no provider id)."""
     call = message.get("call") or {}
-    metadata = call.get("metadata") if isinstance(call.get("metadata"), dict) else {}
+    overrides = call.get("assistantOverrides") if isinstance(call.get("assistantOverrides"), dict) else {}
+    metadata = overrides.get("metadata") if isinstance(overrides.get("metadata"), dict) else {}
+    if not metadata and isinstance(call.get("metadata"), dict):
+        metadata = call["metadata"]
     call_sid = call.get("phoneCallProviderId") or metadata.get("twilioCallSid")
     vapi_id = call.get("id")
     return (str(call_sid) if call_sid else None, str(vapi_id) if vapi_id else None)

@@ -22,6 +22,7 @@ from .faults import Faults
 from .state import SimState
 from .twilio_rest import create_twilio_app
 from .vapi_rest import create_vapi_app
+from .vapi_transport import assistant_routes
 
 
 @dataclass
@@ -91,7 +92,9 @@ def start_sims(state: SimState | None = None, *, host: str = "127.0.0.1", twilio
         twilio_sock.close()
         raise
     twilio = start_in_thread(create_twilio_app(state, twilio_faults), sock=twilio_sock, log_level=log_level)
-    vapi = start_in_thread(create_vapi_app(state, vapi_faults, extra_routes=vapi_extra_routes),
+    # the simulated assistant behind every Vapi call: the transport socket and Twilio's direct stream
+    extra = assistant_routes(state, vapi_faults) + list(vapi_extra_routes or [])
+    vapi = start_in_thread(create_vapi_app(state, vapi_faults, extra_routes=extra),
                            sock=vapi_sock, log_level=log_level)
     return RunningSims(state, twilio, vapi, twilio_faults, vapi_faults)
 

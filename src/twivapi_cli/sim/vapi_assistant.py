@@ -137,7 +137,8 @@ class SimulatedAssistant:
         return {**message, "timestamp": int(time.time() * 1000), "call": self.call_summary()}
 
     def call_summary(self) -> dict:
-        keys = ("id", "orgId", "type", "status", "assistantId", "metadata", "createdAt", "monitor")
+        keys = ("id", "orgId", "type", "status", "assistantId", "assistantOverrides", "name", "createdAt",
+                "monitor", "phoneCallProvider", "phoneCallProviderId", "customer")
         return {k: self.call[k] for k in keys if k in self.call}
 
     async def on_control(self, text: str) -> bool:
@@ -234,6 +235,14 @@ class SimulatedAssistant:
             pass
 
     # --- the end --------------------------------------------------------------------------------
+    async def hang_up(self, reason: str) -> None:
+        """Live Call Control's end-call: close the socket; ``run`` then reports the end."""
+        self.ended_reason = reason
+        try:
+            await self.ws.close()
+        except RuntimeError:
+            pass
+
     async def end(self) -> None:
         if self.closed:
             return

@@ -10,9 +10,11 @@ returns the reply for the messages that expect one.
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import logging
 from typing import Any, Callable
+from urllib.parse import urlsplit
 
 import httpx
 from starlette.routing import WebSocketRoute
@@ -98,3 +100,86 @@ def transport_routes(find_call: FindCall, make_poster: Callable[[dict, dict | No
                 await poster.aclose()
 
     return [WebSocketRoute("/call/{call_id}/transport", transport)]
+
+
+class TwilioStreamAdapter:
+    """Lets the assistant serve a Twilio Media Streams socket (bypass and imported-number calls,
+    where Twilio streams to Vapi directly): Twilio's JSON frames in, binary-frame semantics out."""
+
+    def __init__(self, websocket: WebSocket):
+        self.ws = websocket
+        self.stream_sid: str | None = None
+
+    async def accept(self) -> None:
+        await self.ws.accept()
+
+    async def receive(self) -> dict:
+        while True:
+            message = await self.ws.receive()
+            if message["type"] == "websocket.disconnect" or message.get("text") is None:
+                return {"type": "websocket.disconnect"} if message["type"] == "websocket.disconnect" else message
+            try:
+                event = json.loads(message["text"])
+            except ValueError:
+                continue
+            kind = event.get("event")
+            if kind == "start":
+                self.stream_sid = event.get("streamSid") or (event.get("start") or {}).get("streamSid")
+            elif kind == "media":
+                return {"type": "websocket.receive", "bytes": base64.b64decode(event["media"]["payload"])}
+            elif kind == "stop":
+                return {"type": "websocket.disconnect"}
+
+    async def send_bytes(self, frame: bytes) -> None:
+        await self.ws.send_text(json.dumps({"event": "media", "streamSid": self.stream_sid,
+                                            "media": {"payload": base64.b64encode(frame).decode()}}))
+
+    async def send_text(self, text: str) -> None:
+        """Control messages have no place on Twilio's socket; barge-in becomes a ``clear``."""
+        try:
+            kind = json.loads(text).get("type")
+        except ValueError:
+            return
+        if kind == "user-interrupted" and self.stream_sid:
+            await self.ws.send_text(json.dumps({"event": "clear", "streamSid": self.stream_sid}))
+
+
+def assistant_routes(state, faults=None) -> list:
+    """The simulated assistant's routes for the Vapi simulator sharing ``state``: the
+    ``vapi.websocket`` transport and Twilio's direct stream, both posting server messages to the
+    call's server URL with the org's webhook secret (through ``faults``' webhook rules)."""
+
+    def make_poster(call: dict, assistant: dict | None) -> ServerPoster | None:
+        record = state.vapi.calls.get(call["id"])
+        url = record.server_url if record else None
+        if not url:
+            return None
+        hook = faults.webhook_sender(urlsplit(url).path) if faults is not None else None
+        return ServerPoster(url, state.vapi.webhook_secret, before_send=hook)
+
+    def watch_control(call_id: str, simulated: SimulatedAssistant) -> None:
+        record = state.vapi.calls.get(call_id)
+        if record is not None:
+            loop = asyncio.get_running_loop()
+            record.on_control(lambda message: message.get("type") == "end-call" and loop.create_task(
+                simulated.hang_up("manually-canceled")))
+
+    routes = transport_routes(state.vapi.find_call, make_poster, watch_control)
+
+    async def twilio_stream(websocket: WebSocket) -> None:
+        found = state.vapi.find_call(websocket.path_params["call_id"])
+        if found is None:
+            await websocket.close(code=4404)
+            return
+        call, assistant = found
+        call.setdefault("transport", {})["audioFormat"] = {"format": "mulaw", "container": "raw",
+                                                           "sampleRate": 8000}
+        poster = make_poster(call, assistant)
+        simulated = SimulatedAssistant(call, poster, Script.from_assistant(assistant))
+        try:
+            await simulated.run(TwilioStreamAdapter(websocket))
+        finally:
+            if poster is not None:
+                await poster.aclose()
+
+    return routes + [WebSocketRoute("/call/{call_id}/twilio-stream", twilio_stream)]
