@@ -1,80 +1,83 @@
-"""The Vapi simulator as tests use it: REST + the simulated assistant behind the transport socket."""
+"""The product's simulators as the tests use them: one Twilio + Vapi pair per test module, with
+helpers to make Vapi slow or failing (fault injection) and to read what the Vapi side saw."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import uuid
+import time
 from typing import Iterator
 
-from starlette.applications import Starlette
-from starlette.requests import Request
-from starlette.responses import JSONResponse
-from starlette.routing import Route
+import httpx
 
-from twivapi_cli.bridge.server import start_in_thread
-from twivapi_cli.sim.vapi_transport import ServerPoster, transport_routes
+from twivapi_cli.sim.server import RunningSims, start_sims
+from twivapi_cli.sim.state import SimCredentials, SimState
 
-from .support import VAPI_SECRET
+from .support import TOKEN, VAPI_KEY, VAPI_SECRET
+
+BASE_ASSISTANT = {"name": "test-assistant", "model": {"provider": "openai", "model": "gpt-4o"},
+                  "serverMessages": ["status-update", "speech-update", "transcript", "tool-calls",
+                                     "end-of-call-report", "user-interrupted"]}
 
 
-class VapiSim:
-    def __init__(self) -> None:
-        self.calls: dict[str, dict] = {}
-        self.assistants: dict[str, object] = {}
-        self.order: list[str] = []
-        self.script: dict = {}
-        self.call_delay = 0.0
-        self.server_url: str | None = None
-        self.url = ""
+class Sims:
+    def __init__(self, running: RunningSims):
+        self.running = running
+        self.state = running.state
+        self.url = running.vapi_url
+        self.twilio_url = running.twilio_url
 
-    def set_script(self, **script) -> None:
-        self.script = script
+    def vapi(self, method: str, path: str, **kwargs) -> httpx.Response:
+        return httpx.request(method, self.url + path, headers={"Authorization": f"Bearer {VAPI_KEY}"}, **kwargs)
 
-    def set_call_delay(self, seconds: float) -> None:
-        self.call_delay = seconds
+    def assistant(self, server_url: str | None = None, **script) -> str:
+        """A saved assistant whose simulated voice follows ``script`` (behavior, greeting_ms, ...)."""
+        body = {**BASE_ASSISTANT, "metadata": {"simulator": script}}
+        if server_url:
+            body["server"] = {"url": server_url}
+        response = self.vapi("POST", "/assistant", json=body)
+        assert response.status_code == 201, response.text
+        return response.json()["id"]
 
-    def last_assistant(self):
-        return self.assistants[self.order[-1]]
+    def phone_number(self) -> str:
+        client = self.running.twilio_client()
+        offered = client.available_phone_numbers("US").local.list(area_code=415, limit=1)
+        number = client.incoming_phone_numbers.create(phone_number=offered[0].phone_number)
+        response = self.vapi("POST", "/phone-number", json={
+            "provider": "twilio", "number": number.phone_number, "twilioAccountSid": self.state.credentials.account_sid,
+            "twilioAuthToken": TOKEN, "smsEnabled": False})
+        assert response.status_code == 201, response.text
+        return response.json()["id"]
 
-    async def create_call(self, request: Request):
-        body = await request.json()
-        await asyncio.sleep(self.call_delay)
-        call_id = str(uuid.uuid4())
-        base = str(request.base_url).rstrip("/")
-        call = {"id": call_id, "status": "queued", "type": "vapi.websocketCall", "assistantId": body.get("assistantId"),
-                "assistantOverrides": body.get("assistantOverrides", {}), "transport": {**body.get("transport", {}),
-                "websocketCallUrl": base.replace("http", "ws") + f"/call/{call_id}/transport"},
-                "monitor": {"controlUrl": f"{base}/call/{call_id}/control"}}
-        self.calls[call_id] = call
-        return JSONResponse(call, status_code=201)
+    # --- faults on POST /call ------------------------------------------------------------------------
+    def slow_calls(self, seconds: float, count: int | None = None) -> None:
+        self.running.vapi_faults.add("latency", "/call", method="POST", delay=seconds, count=count)
 
-    async def control(self, request: Request):
-        return JSONResponse({})
+    def failing_calls(self, status: int = 500) -> None:
+        self.running.vapi_faults.add("status", "/call", method="POST", status=status)
 
-    def app(self) -> Starlette:
-        def find(call_id):
-            call = self.calls.get(call_id)
-            return (call, {"metadata": {"simulator": dict(self.script)}}) if call else None
+    def clear_faults(self) -> None:
+        self.running.vapi_faults.clear()
+        self.running.twilio_faults.clear()
 
-        def poster(call, assistant):
-            return ServerPoster(self.server_url, VAPI_SECRET) if self.server_url else None
+    # --- what Vapi saw ---------------------------------------------------------------------------------
+    def calls_for(self, call_sid: str) -> list[dict]:
+        return [c.record for c in list(self.state.vapi.calls.values())
+                if ((c.record.get("assistantOverrides") or {}).get("metadata") or {}).get("twilioCallSid") == call_sid]
 
-        def track(call_id, assistant):
-            self.assistants[call_id] = assistant
-            self.order.append(call_id)
+    def ended(self, vapi_call_id: str) -> bool:
+        call = self.state.vapi.calls.get(vapi_call_id)
+        return call is not None and call.status == "ended"
 
-        return Starlette(routes=[Route("/call", self.create_call, methods=["POST"]),
-                                 Route("/call/{call_id}/control", self.control, methods=["POST"]),
-                                 *transport_routes(find, poster, track)])
+    def driver(self, vapi_call_id: str, timeout: float = 5.0):
+        deadline = time.monotonic() + timeout
+        while vapi_call_id not in self.state.vapi.drivers:
+            assert time.monotonic() < deadline, "the simulated assistant never connected"
+            time.sleep(0.01)
+        return self.state.vapi.drivers[vapi_call_id]
 
 
 @contextlib.contextmanager
-def vapi_sim() -> Iterator[VapiSim]:
-    sim = VapiSim()
-    server = start_in_thread(sim.app())
-    sim.url = server.url
-    try:
-        yield sim
-    finally:
-        server.stop()
+def running_sims() -> Iterator[Sims]:
+    credentials = SimCredentials(auth_token=TOKEN, vapi_api_key=VAPI_KEY, vapi_webhook_secret=VAPI_SECRET)
+    with start_sims(SimState(credentials=credentials)) as running:
+        yield Sims(running)

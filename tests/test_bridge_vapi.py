@@ -10,26 +10,16 @@ import uuid
 import httpx
 import pytest
 
-from twivapi_cli.bridge.server import start_in_thread
 from twivapi_cli.models import CallState
 from twivapi_cli.store.memory import MemoryStore
 
-from .support import bridge_settings, new_call_sid, running_bridge, vapi_standin
-from .test_bridge_webhooks import wait_for
-
-
-@pytest.fixture(scope="module")
-def vapi():
-    app, state = vapi_standin()
-    server = start_in_thread(app)
-    yield server.url, state
-    server.stop()
+from .test_bridge_webhooks import settings_for, sims, vapi, wait_for  # noqa: F401 (fixtures)
+from .support import new_call_sid, running_bridge
 
 
 @pytest.fixture
 def bridge(vapi):
-    vapi[1].update(delay=0.0, fail=None)
-    with running_bridge(bridge_settings(vapi[0]), MemoryStore()) as b:
+    with running_bridge(settings_for(vapi), MemoryStore()) as b:
         yield b
 
 
@@ -73,9 +63,9 @@ def test_malformed_vapi_messages_are_400(bridge, body, code):
     assert response.status_code == 400 and response.json()["error"]["code"] == code
 
 
-def test_assistant_request_answers_the_configured_assistant(bridge):
+def test_assistant_request_answers_the_configured_assistant(bridge, vapi):
     response = bridge.vapi({"type": "assistant-request", "call": {"id": "c1", "phoneCallProviderId": new_call_sid()}})
-    assert response.json() == {"assistantId": "asst-test"}
+    assert response.json() == {"assistantId": vapi.assistant_id}
 
 
 def test_tool_calls_are_dispatched_with_error_for_unknown_tools(bridge):
@@ -135,8 +125,8 @@ def test_message_before_session_exists_is_parked_then_applied(bridge):
 
 
 def test_message_with_unknown_vapi_id_waits_for_the_call_to_be_linked(vapi):
-    vapi[1].update(delay=0.4, fail=None)
-    with running_bridge(bridge_settings(vapi[0]), MemoryStore()) as b:
+    vapi.slow_calls(0.4)
+    with running_bridge(settings_for(vapi), MemoryStore()) as b:
         sid = new_call_sid()
         b.voice(sid)
         # Vapi's first message can beat POST /call's answer; here it names the call by metadata only.

@@ -9,27 +9,32 @@ import time
 import httpx
 import pytest
 
-from twivapi_cli.bridge.server import start_in_thread
 from twivapi_cli.models import CallState
 from twivapi_cli.store.memory import MemoryStore
 from twivapi_cli.store.sqlite import SQLiteStore
 
-from .support import PUBLIC, TOKEN, bridge_settings, new_call_sid, running_bridge, vapi_standin
+from .sims import running_sims
+from .support import PUBLIC, TOKEN, bridge_settings, new_call_sid, running_bridge
 
 
 @pytest.fixture(scope="module")
-def vapi():
-    app, state = vapi_standin()
-    server = start_in_thread(app)
-    yield server.url, state
-    server.stop()
+def sims():
+    with running_sims() as running:
+        running.assistant_id = running.assistant()
+        running.phone_number_id = running.phone_number()
+        yield running
 
 
 @pytest.fixture
-def vapi_state(vapi):
-    _, state = vapi
-    state.update(delay=0.0, fail=None)
-    return state
+def vapi(sims):
+    sims.clear_faults()
+    yield sims
+    sims.clear_faults()
+
+
+def settings_for(sims, **extra):
+    return bridge_settings(sims.url, VAPI_ASSISTANT_ID=sims.assistant_id,
+                           VAPI_PHONE_NUMBER_ID=sims.phone_number_id, **extra)
 
 
 def wait_for(predicate, timeout=5.0):
@@ -43,12 +48,12 @@ def wait_for(predicate, timeout=5.0):
 
 
 @pytest.fixture
-def bridge(vapi, vapi_state, tmp_path):
-    with running_bridge(bridge_settings(vapi[0]), SQLiteStore(tmp_path / "b.db")) as b:
+def bridge(vapi, tmp_path):
+    with running_bridge(settings_for(vapi), SQLiteStore(tmp_path / "b.db")) as b:
         yield b
 
 
-def test_stream_mode_answers_connect_stream_and_creates_the_vapi_call(bridge, vapi_state):
+def test_stream_mode_answers_connect_stream_and_creates_the_vapi_call(bridge, vapi):
     sid = new_call_sid()
     response = bridge.voice(sid)
     assert response.status_code == 200
@@ -57,12 +62,13 @@ def test_stream_mode_answers_connect_stream_and_creates_the_vapi_call(bridge, va
     assert f'<Parameter name="callSid" value="{sid}" />' in response.text
     session = wait_for(lambda: (s := bridge.session(sid)) and s.state == CallState.READY and s)
     assert session.vapi_call_id
-    created = [c for c in vapi_state["calls"] if c.get("assistantOverrides", {}).get("metadata", {}).get("twilioCallSid") == sid]
+    created = vapi.calls_for(sid)
+    assert created[0]["id"] == session.vapi_call_id
     assert created[0]["transport"]["audioFormat"] == {"format": "mulaw", "container": "raw", "sampleRate": 8000}
 
 
-def test_voice_webhook_answers_before_vapi_does(bridge, vapi_state):
-    vapi_state["delay"] = 1.0
+def test_voice_webhook_answers_before_vapi_does(bridge, vapi):
+    vapi.slow_calls(1.0)
     sid = new_call_sid()
     started = time.monotonic()
     response = bridge.voice(sid)
@@ -140,14 +146,14 @@ def test_oversized_and_non_utf8_bodies_are_4xx(bridge):
     assert bridge.url and httpx.get(bridge.url + "/health").status_code == 200
 
 
-def test_status_completed_ends_session_and_closes_vapi_side(bridge, vapi_state):
+def test_status_completed_ends_session_and_closes_vapi_side(bridge, vapi):
     sid = new_call_sid()
     bridge.voice(sid)
     session = wait_for(lambda: (s := bridge.session(sid)) and s.state == CallState.READY and s)
     assert bridge.status(sid, "completed").status_code == 204
     ended = bridge.session(sid)
     assert ended.state == CallState.ENDED and ended.ended_reason == "twilio-completed"
-    wait_for(lambda: session.vapi_call_id in vapi_state["ended"])
+    wait_for(lambda: vapi.ended(session.vapi_call_id))
 
 
 @pytest.mark.parametrize("status", ["busy", "no-answer", "canceled", "failed"])
@@ -180,19 +186,19 @@ def test_retried_status_callback_is_processed_once(bridge):
     assert [e.data.get("state") for e in bridge.events(sid) if e.type == "state"].count("ended") == 1
 
 
-def test_hangup_before_vapi_is_ready_closes_the_late_vapi_call(bridge, vapi_state):
-    vapi_state["delay"] = 0.5
+def test_hangup_before_vapi_is_ready_closes_the_late_vapi_call(bridge, vapi):
+    vapi.slow_calls(0.5)
     sid = new_call_sid()
     bridge.voice(sid)
     bridge.status(sid, "completed")  # caller hangs up while POST /call is in flight
     events = wait_for(lambda: [e for e in bridge.events(sid) if e.type == "race.hangup-before-ready"])
     vapi_id = events[0].data["vapi_call_id"]
-    wait_for(lambda: vapi_id in vapi_state["ended"])
+    wait_for(lambda: vapi.ended(vapi_id))
     assert bridge.session(sid).state == CallState.ENDED
 
 
-def test_vapi_failure_gives_failed_session_and_fallback_after_stream(bridge, vapi_state):
-    vapi_state["fail"] = 500
+def test_vapi_failure_gives_failed_session_and_fallback_after_stream(bridge, vapi):
+    vapi.failing_calls(500)
     sid = new_call_sid()
     bridge.voice(sid)
     wait_for(lambda: bridge.session(sid).state == CallState.FAILED)
@@ -228,22 +234,22 @@ def test_unknown_route_and_method_use_the_json_error_shape(bridge):
 
 # --- bypass and native modes --------------------------------------------------------------------
 
-def test_bypass_mode_returns_vapis_twiml(vapi, vapi_state, tmp_path):
-    settings = bridge_settings(vapi[0], TWIVAPI_MODE="bypass")
-    with running_bridge(settings, MemoryStore()) as b:
+def test_bypass_mode_returns_vapis_twiml(vapi, tmp_path):
+    with running_bridge(settings_for(vapi, TWIVAPI_MODE="bypass"), MemoryStore()) as b:
         sid = new_call_sid()
         response = b.voice(sid)
-        assert response.status_code == 200 and '<Stream url="wss://vapi/' in response.text
-        body = [c for c in vapi_state["calls"] if c.get("assistantOverrides", {}).get("metadata", {}).get("twilioCallSid") == sid][0]
-        assert body["phoneCallProviderBypassEnabled"] is True and body["customer"] == {"number": "+15551112222"}
+        call = vapi.calls_for(sid)[0]
+        assert response.status_code == 200
+        assert response.text == call["phoneCallProviderDetails"]["twiml"] and "<Connect><Stream" in response.text
+        assert call["phoneCallProviderBypassEnabled"] is True and call["customer"] == {"number": "+15551112222"}
         retry = b.voice(sid)  # Twilio's retry: same answer, no second Vapi call
         assert retry.text == response.text
-        assert len([c for c in vapi_state["calls"] if c.get("assistantOverrides", {}).get("metadata", {}).get("twilioCallSid") == sid]) == 1
+        assert len(vapi.calls_for(sid)) == 1
 
 
-def test_bypass_mode_times_out_into_fallback(vapi, vapi_state):
-    vapi_state["delay"] = 2.0
-    settings = bridge_settings(vapi[0], TWIVAPI_MODE="bypass", TWIVAPI_BYPASS_TIMEOUT="0.3")
+def test_bypass_mode_times_out_into_fallback(vapi):
+    vapi.slow_calls(2.0)
+    settings = settings_for(vapi, TWIVAPI_MODE="bypass", TWIVAPI_BYPASS_TIMEOUT="0.3")
     with running_bridge(settings, MemoryStore()) as b:
         sid = new_call_sid()
         started = time.monotonic()
@@ -254,17 +260,17 @@ def test_bypass_mode_times_out_into_fallback(vapi, vapi_state):
 
 
 def test_native_mode_answers_a_notice(vapi):
-    with running_bridge(bridge_settings(vapi[0], TWIVAPI_MODE="native"), MemoryStore()) as b:
+    with running_bridge(settings_for(vapi, TWIVAPI_MODE="native"), MemoryStore()) as b:
         response = b.voice(new_call_sid())
         assert response.status_code == 200 and "<Say>" in response.text and "<Connect" not in response.text
 
 
-def test_setup_queue_bound_answers_fallback_instead_of_queueing_forever(vapi, vapi_state):
-    vapi_state["delay"] = 1.0
-    settings = bridge_settings(vapi[0], TWIVAPI_SETUP_QUEUE_LIMIT="1")
+def test_setup_queue_bound_answers_fallback_instead_of_queueing_forever(vapi):
+    vapi.slow_calls(1.0)
+    settings = settings_for(vapi, TWIVAPI_SETUP_QUEUE_LIMIT="1")
     with running_bridge(settings, MemoryStore()) as b:
         import concurrent.futures
-        sids = [new_call_sid() for _ in range(80)]  # 64 workers busy + 1 queued, the rest refused
+        sids = [new_call_sid() for _ in range(40)]  # 16 workers busy + 1 queued, the rest refused
         with concurrent.futures.ThreadPoolExecutor(20) as pool:
             answers = list(pool.map(b.voice, sids))
         fallbacks = [r for r in answers if "<Say>" in r.text]

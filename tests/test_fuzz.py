@@ -15,11 +15,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from twivapi_cli import signing
-from twivapi_cli.bridge.server import start_in_thread
 from twivapi_cli.models import CallState
 from twivapi_cli.store.memory import MemoryStore
 
-from .support import PUBLIC, TOKEN, VAPI_SECRET, bridge_settings, new_call_sid, running_bridge, vapi_standin
+from .sims import running_sims
+from .support import PUBLIC, TOKEN, VAPI_SECRET, bridge_settings, new_call_sid, running_bridge
 
 ROUTES = ["/twilio/voice", "/twilio/status", "/twilio/after-stream", "/vapi/webhook"]
 # per property; the slow suite (scripts/test-slow) raises it to thousands per property
@@ -28,13 +28,12 @@ EXAMPLES = int(os.environ.get("TWIVAPI_FUZZ_EXAMPLES", "120"))
 
 @pytest.fixture(scope="module")
 def bridge():
-    app, _ = vapi_standin()
-    vapi = start_in_thread(app)
-    with running_bridge(bridge_settings(vapi.url), MemoryStore()) as b:
-        b.client = httpx.Client(base_url=b.url, timeout=5)
-        yield b
-        b.client.close()
-    vapi.stop()
+    with running_sims() as sims:
+        settings = bridge_settings(sims.url, VAPI_ASSISTANT_ID=sims.assistant())
+        with running_bridge(settings, MemoryStore()) as b:
+            b.client = httpx.Client(base_url=b.url, timeout=5)
+            yield b
+            b.client.close()
 
 
 def check(response: httpx.Response) -> None:

@@ -252,6 +252,7 @@ class VapiState:
         self.server: dict | None = None           # org-level server URL, used when no other is set
         self.webhook_secret = webhook_secret      # what a server-URL poster signs with (set by SimState)
         self.on_call_created: list[Callable[[VapiCall], Any]] = []
+        self.drivers: dict[str, Any] = {}          # call id -> the simulated assistant driving it
 
     def add_call(self, call: VapiCall) -> VapiCall:
         self.calls[call.id] = call

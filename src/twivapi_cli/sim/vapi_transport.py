@@ -158,6 +158,7 @@ def assistant_routes(state, faults=None) -> list:
         return ServerPoster(url, state.vapi.webhook_secret, before_send=hook)
 
     def watch_control(call_id: str, simulated: SimulatedAssistant) -> None:
+        state.vapi.drivers[call_id] = simulated
         record = state.vapi.calls.get(call_id)
         if record is not None:
             loop = asyncio.get_running_loop()
@@ -176,6 +177,7 @@ def assistant_routes(state, faults=None) -> list:
                                                            "sampleRate": 8000}
         poster = make_poster(call, assistant)
         simulated = SimulatedAssistant(call, poster, Script.from_assistant(assistant))
+        state.vapi.drivers[call["id"]] = simulated
         try:
             await simulated.run(TwilioStreamAdapter(websocket))
         finally:
