@@ -68,6 +68,9 @@ def to_jsonschema(node):
         return node
     out = {("anyOf" if k == "oneOf" else k): to_jsonschema(v) for k, v in node.items()
            if k not in ("nullable", "example", "examples", "discriminator")}
+    pattern = out.get("pattern")
+    if isinstance(pattern, str) and len(pattern) > 1 and pattern[0] == "/" and pattern[-1] == "/":
+        out["pattern"] = pattern[1:-1]                     # JS-style /.../ delimiters in the spec
     if out.get("type") == "array" and "enum" in out:      # the spec puts item enums on the array
         out["items"] = {**out.get("items", {}), "enum": out.pop("enum")}
     if out.get("type") == "object" and out.get("enum") and all(isinstance(e, str) for e in out["enum"]):

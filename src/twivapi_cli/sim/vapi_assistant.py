@@ -90,11 +90,13 @@ class SimulatedAssistant:
         self.voiced = self.silent = 0
         self.user_talking = False
         self.user_stopped_at: float | None = None
+        self.user_started_at: float | None = None
         self.transcript: list[dict] = []
         self.latencies: list[dict] = []
         self.interruptions = 0
         self.heard = bytearray()       # everything the caller sent, in the call's format
         self.sent = bytearray()        # everything the assistant spoke
+        self.socket_messages: list[dict] = []   # control messages sent on the transport socket
         self.started = time.time()
         self.ended_reason = "customer-ended-call"
         self.closed = False
@@ -122,6 +124,7 @@ class SimulatedAssistant:
             await self.end()
 
     async def send_json(self, message: dict) -> None:
+        self.socket_messages.append(message)
         try:
             await self.ws.send_text(json.dumps(message))
         except (WebSocketDisconnect, RuntimeError):
@@ -138,7 +141,7 @@ class SimulatedAssistant:
 
     def call_summary(self) -> dict:
         keys = ("id", "orgId", "type", "status", "assistantId", "assistantOverrides", "name", "createdAt",
-                "monitor", "phoneCallProvider", "phoneCallProviderId", "customer")
+                "updatedAt", "monitor", "phoneCallProvider", "phoneCallProviderId", "customer", "transport")
         return {k: self.call[k] for k in keys if k in self.call}
 
     async def on_control(self, text: str) -> bool:
@@ -152,12 +155,19 @@ class SimulatedAssistant:
             return True
         if kind == "add-message":
             content = (message.get("message") or {}).get("content", "")
-            self.transcript.append({"role": "user", "message": str(content)})
+            self.say_line("user", str(content), time.time())
             if message.get("triggerResponseEnabled") and self.script.behavior == "answer":
                 self.speak(self.script.reply_hz, self.script.reply_ms)
         elif kind == "say":
             self.speak(self.script.reply_hz, self.script.reply_ms)
         return False
+
+    def say_line(self, role: str, text: str, started: float, ended: float | None = None) -> None:
+        """A transcript entry shaped like Vapi's artifact messages (role, message, times)."""
+        ended = ended or time.time()
+        self.transcript.append({"role": role, "message": text, "time": round(started * 1000),
+                                "endTime": round(ended * 1000), "duration": round((ended - started) * 1000),
+                                "secondsFromStart": round(started - self.started, 3)})
 
     # --- listening (energy VAD) -----------------------------------------------------------------
     async def on_audio(self, frame: bytes) -> None:
@@ -174,6 +184,7 @@ class SimulatedAssistant:
 
     async def user_started(self) -> None:
         self.user_talking = True
+        self.user_started_at = time.time()
         if self.speaking and not self.speaking.done():
             self.speaking.cancel()
             self.interruptions += 1
@@ -186,7 +197,7 @@ class SimulatedAssistant:
         self.user_stopped_at = time.monotonic()
         await self.emit({"type": "speech-update", "status": "stopped", "role": "user", "turn": self.turn})
         text = f"(simulated caller utterance {len(self.transcript) + 1})"
-        self.transcript.append({"role": "user", "message": text})
+        self.say_line("user", text, self.user_started_at or time.time())
         await self.emit({"type": "transcript", "role": "user", "transcriptType": "final", "transcript": text})
         if self.script.tools and self.post is not None:
             await self.call_tool(self.script.tools[0])
@@ -194,7 +205,8 @@ class SimulatedAssistant:
 
     async def call_tool(self, name: str) -> None:
         tool_call = {"id": f"call_{uuid.uuid4().hex[:16]}", "type": "function",
-                     "function": {"name": name, "arguments": {"order_id": "A1"}}}
+                     # the spec's ToolCall carries arguments as a JSON string
+                     "function": {"name": name, "arguments": json.dumps({"order_id": "A1"})}}
         message = self.envelope({"type": "tool-calls", "toolCallList": [tool_call],
                                  "toolWithToolCallList": [{"type": "function", "function": {"name": name},
                                                            "toolCall": tool_call}]})
@@ -213,18 +225,19 @@ class SimulatedAssistant:
         self.turn += 1
         self.turn_id = uuid.uuid4().hex[:12]
         await self.emit({"type": "speech-update", "status": "started", "role": "assistant", "turn": self.turn})
-        await self.emit({"type": "model-output", "output": "Hello" if first else "Sure", "turnId": self.turn_id},
-                        server=False)
+        # the spec types `output` as an object ("a token or tool call"); the shape inside is ours
+        await self.emit({"type": "model-output", "output": {"text": "Hello" if first else "Sure"},
+                         "turnId": self.turn_id}, server=False)
         if self.user_stopped_at is not None:
             self.latencies.append({"turnLatency": round((time.monotonic() - self.user_stopped_at) * 1000),
                                    "modelLatency": self.script.model_latency_ms})
             self.user_stopped_at = None
-        started = time.monotonic()
+        started, wall = time.monotonic(), time.time()
         for i, frame in enumerate(self.codec.tone_frames(hz, ms)):
             await self._send_audio(frame)
             target = started + (i + 1) * FRAME_MS / 1000 / self.script.speed
             await asyncio.sleep(max(0.0, target - time.monotonic()))
-        self.transcript.append({"role": "assistant", "message": "Hello" if first else "Sure"})
+        self.say_line("bot", "Hello" if first else "Sure", wall)
         await self.emit({"type": "speech-update", "status": "stopped", "role": "assistant", "turn": self.turn})
 
     async def _send_audio(self, frame: bytes) -> None:
@@ -265,7 +278,7 @@ class SimulatedAssistant:
                    "numAssistantInterrupted": 0,
                    "turnLatencyAverage": round(sum(turns) / len(turns), 1) if turns else 0,
                    "modelLatencyAverage": self.script.model_latency_ms}
-        text = " ".join(f"{'AI' if t['role'] == 'assistant' else 'User'}: {t['message']}" for t in self.transcript)
+        text = " ".join(f"{'AI' if t['role'] == 'bot' else 'User'}: {t['message']}" for t in self.transcript)
         return {"type": "end-of-call-report", "endedReason": self.ended_reason,
                 "startedAt": _iso(self.started), "endedAt": _iso(time.time()), "cost": 0,
                 "artifact": {"transcript": text, "messages": self.transcript, "performanceMetrics": metrics},
