@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable
 
 from ..config import Settings
-from ..errors import TwivapiError
+from ..errors import TwivapiError, VapiApiError
 from ..models import CallState, IllegalTransition, Session
 from ..store import Store, write_behind
 from .events import Recorder
@@ -102,7 +102,9 @@ class CallRegistry:
     async def _end_vapi(self, session: Session) -> None:
         try:
             await self.vapi.end_call({"monitor": {"controlUrl": session.control_url}})
-        except TwivapiError as exc:
+        except VapiApiError as exc:
+            if exc.status in (400, 404):
+                return  # already ended (e.g. its socket closed first) or gone: nothing to end
             await self.recorder.record("vapi.end-failed", session.call_sid, error=str(exc))
 
     # --- Vapi call setup (stream mode) ----------------------------------------------------------------

@@ -70,6 +70,10 @@ class CallerPlan:
     hangup_after_s: float | None = 4.0  # then `stop` and close; None: wait for the server to close
     dtmf: list[tuple[float, str]] = field(default_factory=list)   # (seconds, digit)
     speed: float = 1.0                  # >1 sends faster than real time
+    # status callbacks with SequenceNumber, like an outbound REST call's StatusCallbackEvent:
+    # "ringing"/"in-progress" go out when the call is answered, the final status at the end
+    progress_events: tuple[str, ...] = ()
+    drop_after_frames: int | None = None   # fault: the media socket dies after this many frames
 
 
 class Player:
@@ -120,10 +124,11 @@ class Player:
 
 class SimulatedCaller:
     def __init__(self, auth_token: str, account_sid: str = "AC" + "0" * 32, *,
-                 http: httpx.AsyncClient | None = None, webhook_hook: Callable[[str, dict], Awaitable[None]] | None = None):
+                 http: httpx.AsyncClient | None = None, faults: Any = None):
         self.token, self.account_sid = auth_token, account_sid
         self.http = http or httpx.AsyncClient(timeout=15.0)  # Twilio's 15 s cap
-        self.webhook_hook = webhook_hook
+        self.faults = faults   # the Twilio simulator's Faults: webhook rules for status callbacks
+        self._senders: dict[str, Callable] = {}
 
     async def aclose(self) -> None:
         await self.http.aclose()
@@ -138,9 +143,26 @@ class SimulatedCaller:
         response = await self.http.post(url, data=params, headers=headers)
         if result is not None:
             result.webhook_ms.append(round((time.monotonic() - started) * 1000, 2))
-        if self.webhook_hook:
-            await self.webhook_hook(url, params)
         return response
+
+    async def post_status(self, url: str, params: dict, result: CallResult) -> None:
+        """A status callback, through the simulator's webhook faults: a duplicate is a retry (same
+        idempotency token), a reorder holds one back until the next, delay and drop do what they say."""
+        url = url.split("#", 1)[0]
+        deliveries = [params]
+        if self.faults is not None:
+            path = httpx.URL(url).path
+            sender = self._senders.setdefault(f"{result.call_sid}:{path}", self.faults.webhook_sender(path))
+            deliveries = await sender(params)
+        tokens: dict[int, str] = {}
+        for delivery in deliveries:
+            token = tokens.setdefault(id(delivery), str(uuid.uuid4()))
+            headers = {"X-Twilio-Signature": signing.twilio_signature(self.token, url, delivery),
+                       "I-Twilio-Idempotency-Token": token, "User-Agent": "TwilioProxy/1.1",
+                       "Content-Type": "application/x-www-form-urlencoded; charset=UTF-8"}
+            response = await self.http.post(url, data=delivery, headers=headers)
+            result.note("status-callback", {"status": delivery.get("CallStatus"),
+                                            "sequence": delivery.get("SequenceNumber"), "http": response.status_code})
 
     def voice_params(self, call_sid: str, from_: str, to: str, status: str = "ringing") -> dict:
         return {"AccountSid": self.account_sid, "ApiVersion": "2010-04-01", "CallSid": call_sid,
@@ -155,6 +177,8 @@ class SimulatedCaller:
         result = CallResult(call_sid or sid("CA"))
         params = self.voice_params(result.call_sid, from_, to)
         url: str | None = voice_url
+        sequence = 0
+        first = True
         while url:
             response = await self.post(url, params, result)
             result.note("webhook", {"url": url, "status": response.status_code})
@@ -162,11 +186,19 @@ class SimulatedCaller:
                 result.errors.append(f"{url} answered {response.status_code}")
                 result.status = "failed"
                 break
+            if first and status_callback:
+                for event in plan.progress_events:
+                    await self.post_status(status_callback, {**params, "CallStatus": event,
+                                                             "SequenceNumber": str(sequence)}, result)
+                    sequence += 1
+            first = False
             url = await self.obey(response.text, result, plan)
             params = {**params, "CallStatus": "in-progress"}
         if status_callback:
-            duration = str(int(time.monotonic() - result.started))
-            await self.post(status_callback, {**params, "CallStatus": result.status, "CallDuration": duration})
+            final = {**params, "CallStatus": result.status, "CallDuration": str(int(time.monotonic() - result.started))}
+            if plan.progress_events:
+                final["SequenceNumber"] = str(sequence)
+            await self.post_status(status_callback, final, result)
         result.note("ended", result.status)
         return result
 
@@ -235,7 +267,8 @@ class SimulatedCaller:
             "tracks": ["inbound"], "customParameters": custom,
             "mediaFormat": {"encoding": "audio/x-mulaw", "sampleRate": 8000, "channels": 1}}})
         result.note("stream-start", stream_sid)
-        tasks = [asyncio.create_task(player.run()), asyncio.create_task(self._speak(send, stream_sid, plan, result))]
+        tasks = [asyncio.create_task(player.run()),
+                 asyncio.create_task(self._speak(send, stream_sid, plan, result, ws))]
         try:
             async for raw in ws:
                 await self._on_server_message(raw, player, result)
@@ -273,7 +306,7 @@ class SimulatedCaller:
         else:
             result.errors.append(f"unknown event from server: {event}")
 
-    async def _speak(self, send, stream_sid: str, plan: CallerPlan, result: CallResult) -> None:
+    async def _speak(self, send, stream_sid: str, plan: CallerPlan, result: CallResult, ws) -> None:
         started = time.monotonic()
         audio = plan.audio
         dtmf = sorted(plan.dtmf)
@@ -284,6 +317,10 @@ class SimulatedCaller:
             frame = audio[offset:offset + FRAME] if offset < len(audio) else SILENCE
             frame = frame.ljust(FRAME, b"\xff")
             chunk += 1
+            if plan.drop_after_frames is not None and chunk > plan.drop_after_frames:
+                result.note("socket-dropped")
+                ws.transport.abort()  # no close frame: the connection just dies
+                return
             await send({"event": "media", "streamSid": stream_sid, "media": {
                 "track": "inbound", "chunk": str(chunk), "timestamp": str(chunk * 20),
                 "payload": base64.b64encode(frame).decode()}})

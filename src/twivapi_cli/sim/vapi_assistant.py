@@ -80,8 +80,9 @@ class FormatCodec:
 
 
 class SimulatedAssistant:
-    def __init__(self, call: dict, post: Poster | None, script: Script):
+    def __init__(self, call: dict, post: Poster | None, script: Script, *, drop_after_frames: int | None = None):
         self.call, self.post, self.script = call, post, script
+        self.drop_after_frames = drop_after_frames   # fault injection: the socket dies mid-call
         self.codec = FormatCodec((call.get("transport") or {}).get("audioFormat"))
         self.ws: WebSocket | None = None
         self.speaking: asyncio.Task | None = None
@@ -172,6 +173,10 @@ class SimulatedAssistant:
     # --- listening (energy VAD) -----------------------------------------------------------------
     async def on_audio(self, frame: bytes) -> None:
         self.heard += frame
+        if self.drop_after_frames is not None and len(self.heard) >= self.drop_after_frames * len(frame):
+            self.ended_reason = "call.in-progress.error-vapifault-transport-dropped"
+            await self.ws.close(code=1011)
+            return
         if self.script.behavior == "echo":
             await self._send_audio(frame)
             return

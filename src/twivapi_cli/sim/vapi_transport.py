@@ -78,7 +78,8 @@ class ServerPoster:
 
 
 def transport_routes(find_call: FindCall, make_poster: Callable[[dict, dict | None], ServerPoster | None],
-                     on_assistant: Callable[[str, SimulatedAssistant], None] | None = None) -> list:
+                     on_assistant: Callable[[str, SimulatedAssistant], None] | None = None,
+                     drop_after: Callable[[str], int | None] = lambda path: None) -> list:
     async def transport(websocket: WebSocket) -> None:
         call_id = websocket.path_params["call_id"]
         found = find_call(call_id)
@@ -90,7 +91,8 @@ def transport_routes(find_call: FindCall, make_poster: Callable[[dict, dict | No
             await websocket.close(code=4410)
             return
         poster = make_poster(call, assistant)
-        simulated = SimulatedAssistant(call, poster, Script.from_assistant(assistant))
+        simulated = SimulatedAssistant(call, poster, Script.from_assistant(assistant),
+                                       drop_after_frames=drop_after(websocket.url.path))
         if on_assistant:
             on_assistant(call_id, simulated)
         try:
@@ -165,7 +167,8 @@ def assistant_routes(state, faults=None) -> list:
             record.on_control(lambda message: message.get("type") == "end-call" and loop.create_task(
                 simulated.hang_up("manually-canceled")))
 
-    routes = transport_routes(state.vapi.find_call, make_poster, watch_control)
+    drop_after = faults.ws_drop_after if faults is not None else (lambda path: None)
+    routes = transport_routes(state.vapi.find_call, make_poster, watch_control, drop_after)
 
     async def twilio_stream(websocket: WebSocket) -> None:
         found = state.vapi.find_call(websocket.path_params["call_id"])
