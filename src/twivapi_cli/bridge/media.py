@@ -9,7 +9,7 @@ and sent as binary frames. Until Vapi's socket is open they wait in a bounded bu
 Vapi -> caller: assistant audio is cut into 20 ms mu-law frames (a partial frame waits for the next
 chunk: never padded mid-utterance, never dropped), queued, and paced so Twilio never holds more than
 ``LEAD_MS`` of it. After each frame a ``mark`` named ``<generation>:<cumulative ms>`` goes out; its
-echo tells what the caller actually heard.
+echo tells what the caller actually heard (one mark per 100 ms and at the end of what is queued).
 
 Barge-in: on ``user-interrupted`` or ``speech-update`` (role user, started), from the transport or
 from /vapi/webhook, whichever comes first, the queue is dropped, the outbound resampler reset, Twilio
@@ -47,6 +47,7 @@ VAPI_CONNECT_TIMEOUT = 10.0
 RELAY_SAMPLE_EVERY = 50          # one media.relay event per 50 frames (1 s), not one per frame
 STALE_AUDIO_GAP = 0.3            # after barge-in, Vapi audio this long after the last frame is a new turn
 MAX_PAYLOAD = 16_000             # bytes of audio in one Twilio media message (2 s) before we call it bad
+MARK_EVERY = 5                   # a mark per 100 ms of audio: playback position to 100 ms, half the messages
 
 
 def routes() -> list:
@@ -229,7 +230,7 @@ class MediaCall:
             return await self.finish(reason or "vapi-not-ready")
         key = self.state.settings.vapi_api_key.reveal() if self.state.settings.vapi_api_key else ""
         try:
-            self.vapi = await websockets.connect(session.websocket_call_url, max_size=2**20,
+            self.vapi = await websockets.connect(session.websocket_call_url, max_size=2**20, compression=None,
                                                  additional_headers={"Authorization": f"Bearer {key}"},
                                                  open_timeout=VAPI_CONNECT_TIMEOUT)
         except (OSError, websockets.WebSocketException, asyncio.TimeoutError) as exc:
@@ -342,8 +343,9 @@ class MediaCall:
                 continue  # interrupted while sending
             self.sent_ms += FRAME_MS
             self.frames_out += 1
-            await self.send_twilio({"event": "mark", "streamSid": self.stream_sid,
-                                    "mark": {"name": f"{self.generation}:{self.sent_ms}"}})
+            if self.frames_out % MARK_EVERY == 0 or not self.queue:
+                await self.send_twilio({"event": "mark", "streamSid": self.stream_sid,
+                                        "mark": {"name": f"{self.generation}:{self.sent_ms}"}})
             if self.user_stopped_at is not None:
                 ms = round((time.monotonic() - self.user_stopped_at) * 1000, 1)
                 self.user_stopped_at = None

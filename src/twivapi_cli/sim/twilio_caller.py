@@ -243,7 +243,7 @@ class SimulatedCaller:
         result.stream_sid = stream_sid = sid("MZ")
         headers = {"X-Twilio-Signature": signing.twilio_signature(self.token, url, {})}
         try:
-            ws = await websockets.connect(url, additional_headers=headers, max_size=2**20)
+            ws = await websockets.connect(url, additional_headers=headers, max_size=2**20, compression=None)
         except (OSError, websockets.WebSocketException) as exc:
             result.errors.append(f"stream connect failed: {exc}")
             result.note("stream-refused", str(exc))
