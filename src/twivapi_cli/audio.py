@@ -102,25 +102,42 @@ DELAY_MS_16K = (TAPS - 1) / 2 / 16.0        # group delay, ms
 
 
 def _to_int16(samples: np.ndarray) -> bytes:
-    return np.clip(np.rint(samples), -32768, 32767).astype("<i2").tobytes()
+    np.rint(samples, out=samples)
+    np.clip(samples, -32768, 32767, out=samples)
+    return samples.astype("<i2").tobytes()
+
+
+_H_EVEN_X2 = 2 * _H_EVEN   # the upsampler's even branch, with the zero-stuffing gain folded in
+_HIST_UP = 2 * _M + 1
 
 
 class Upsampler:
-    """8 kHz -> 16 kHz PCM16, exactly twice the samples in, history carried across calls."""
+    """8 kHz -> 16 kHz PCM16, exactly twice the samples in, history carried across calls.
+
+    Polyphase half-band: the odd outputs are the input delayed (the centre tap), the even ones an
+    FIR over the input; one buffer holds [history | frame] so each call is a handful of numpy ops.
+    """
 
     def __init__(self) -> None:
+        self._buffer = np.zeros(_HIST_UP + 160)
         self.reset()
 
     def reset(self) -> None:
-        self._history = np.zeros(2 * _M + 1)
+        self._buffer[:_HIST_UP] = 0.0
 
     def process(self, pcm: bytes) -> bytes:
-        x = np.frombuffer(pcm, dtype="<i2").astype(np.float64)
-        buffer = np.concatenate((self._history, x))
-        out = np.empty(2 * len(x))
-        out[0::2] = 2 * np.correlate(buffer, _H_EVEN, "valid")[:len(x)]
-        out[1::2] = buffer[_M + 1:_M + 1 + len(x)]
-        self._history = buffer[len(buffer) - (2 * _M + 1):]
+        x = np.frombuffer(pcm, dtype="<i2")
+        n = len(x)
+        if len(self._buffer) != _HIST_UP + n:
+            history = self._buffer[:_HIST_UP].copy()
+            self._buffer = np.empty(_HIST_UP + n)
+            self._buffer[:_HIST_UP] = history
+        buffer = self._buffer
+        buffer[_HIST_UP:] = x
+        out = np.empty(2 * n)
+        out[0::2] = np.correlate(buffer, _H_EVEN_X2, "valid")[:n]
+        out[1::2] = buffer[_M + 1:_M + 1 + n]
+        buffer[:_HIST_UP] = buffer[n:]
         return _to_int16(out)
 
 
@@ -137,18 +154,19 @@ class Downsampler:
         self._carry = b""
 
     def process(self, pcm: bytes) -> bytes:
-        data = self._carry + pcm
+        data = self._carry + pcm if self._carry else pcm
         usable = len(data) - len(data) % 4     # whole sample pairs
         self._carry = data[usable:]
         if not usable:
             return b""
-        x = np.frombuffer(data[:usable], dtype="<i2").astype(np.float64)
+        x = np.frombuffer(data, dtype="<i2", count=usable // 2)
+        n = len(x) // 2
         even = np.concatenate((self._even, x[0::2]))
         odd = np.concatenate((self._odd, x[1::2]))
-        n = len(x) // 2
-        y = np.correlate(even, _H_EVEN, "valid")[:n] + 0.5 * odd[:n]
-        self._even = even[len(even) - (2 * _M + 1):]
-        self._odd = odd[len(odd) - (_M + 1):]
+        y = np.correlate(even, _H_EVEN, "valid")[:n]
+        y += 0.5 * odd[:n]
+        self._even = even[n:]
+        self._odd = odd[n:]
         return _to_int16(y)
 
 
