@@ -376,8 +376,8 @@ class MediaCall:
             self.vapi_task.cancel()
         try:
             await self.twilio.close()
-        except RuntimeError:
-            pass  # already closed
+        except (RuntimeError, WebSocketDisconnect):
+            pass  # already closed, or the caller vanished
         if self.call_sid:
             await self.recorder.record("media.stop", self.call_sid, reason=reason, frames_in=self.frames_in,
                                        frames_out=self.frames_out, bad_messages=self.bad_messages,

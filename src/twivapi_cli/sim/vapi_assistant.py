@@ -175,7 +175,10 @@ class SimulatedAssistant:
         self.heard += frame
         if self.drop_after_frames is not None and len(self.heard) >= self.drop_after_frames * len(frame):
             self.ended_reason = "call.in-progress.error-vapifault-transport-dropped"
-            await self.ws.close(code=1011)
+            try:
+                await self.ws.close(code=1011)
+            except (RuntimeError, WebSocketDisconnect):
+                pass
             return
         if self.script.behavior == "echo":
             await self._send_audio(frame)
@@ -258,7 +261,7 @@ class SimulatedAssistant:
         self.ended_reason = reason
         try:
             await self.ws.close()
-        except RuntimeError:
+        except (RuntimeError, WebSocketDisconnect):
             pass
 
     async def end(self) -> None:
