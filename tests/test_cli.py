@@ -93,7 +93,7 @@ def test_sigkill_and_restart_keeps_acknowledged_events_and_live_sessions(tmp_pat
     from twivapi_cli import signing
     port = _free_port()
     env = {**os.environ, "TWILIO_AUTH_TOKEN": TOKEN, "VAPI_WEBHOOK_SECRET": "s", "TWIVAPI_PUBLIC_URL": PUBLIC,
-           "TWIVAPI_STORE": f"sqlite:///{tmp_path}/kill.db"}
+           "TWIVAPI_STORE": f"sqlite:///{tmp_path}/kill.db", "TWIVAPI_STATE_DIR": str(tmp_path / "state")}
     proc = _start_serve(env, port)
     sids = [new_call_sid() for _ in range(25)]
     try:

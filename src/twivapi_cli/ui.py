@@ -3,6 +3,7 @@ Organised by command, one section each."""
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from rich.console import Group
@@ -44,3 +45,64 @@ def demo_report(report) -> Group:
                    style="green bold" if report.ok else "red bold")
     return Group(table, Panel(checks_table, title="checks", title_align="left"),
                  Panel(Group(*timelines), title="timelines (seconds from dialing)", title_align="left"), verdict)
+
+
+# --- tail -------------------------------------------------------------------------------------------
+
+LATENCY_ORDER = ("webhook ack /twilio/voice", "webhook ack /twilio/status", "webhook ack /vapi/webhook",
+                 "vapi setup", "relay", "barge-in -> clear", "end of speech -> first audio")
+
+
+def _n(value: Any) -> str:
+    return "-" if value is None else f"{value:.2f}" if isinstance(value, float) else str(value)
+
+
+def sessions_table(sessions: list[dict], latency_by_call: dict | None = None) -> Table:
+    table = Table(title=f"active calls: {len(sessions)}", title_justify="left", expand=True)
+    for column in ("call", "state", "mode", "age", "last event", "caller"):
+        table.add_column(column, overflow="fold")
+    for s in sessions:
+        table.add_row(s["call_sid"][-12:], s["state"], s["mode"], f"{s.get('age_s', 0):.0f}s",
+                      f"{s.get('last_event') or '-'} ({_n(s.get('last_event_age_s'))}s ago)",
+                      s.get("from_number") or "-")
+    return table
+
+
+def latency_table(latency: dict) -> Table:
+    table = Table(title="latency (ms)", title_justify="left", expand=True)
+    for column in ("figure", "n", "p50", "p95", "p99", "max", "distribution"):
+        table.add_column(column, justify="left" if column in ("figure", "distribution") else "right")
+    names = [n for n in LATENCY_ORDER if n in latency] + sorted(n for n in latency if n not in LATENCY_ORDER)
+    for name in names:
+        h = latency[name]
+        table.add_row(name, str(h["count"]), _n(h["p50"]), _n(h["p95"]), _n(h["p99"]), _n(h["max"]),
+                      Text(h.get("spark", ""), style="cyan"))
+    return table
+
+
+def event_line(event: dict) -> Text:
+    stamp = time.strftime("%H:%M:%S", time.localtime(event.get("received_at") or 0))
+    line = Text(f"{stamp} #{event.get('seq')} ", style="dim")
+    line.append(f"{event.get('type')}", style="bold")
+    if event.get("call_sid"):
+        line.append(f" {event['call_sid'][-12:]}", style="magenta")
+    data = event.get("data") or {}
+    if data:
+        line.append(" " + " ".join(f"{k}={v}" for k, v in data.items() if v is not None))
+    return line
+
+
+def notice_line(message: str, kind: str) -> Text:
+    return Text(f"-- {message}", style="yellow bold" if kind != "connected" else "green")
+
+
+def tail_view(snapshot: dict, recent: list[Text], status: Text | None = None, dropped: int = 0) -> Group:
+    """The live view: calls, latency panels, the newest events, and what tail is doing."""
+    footer = Text()
+    if status is not None:
+        footer.append_text(status)
+    if dropped:
+        footer.append(f"  ({dropped} events dropped by the bridge for this viewer)", style="red bold")
+    return Group(sessions_table(snapshot.get("sessions", [])), latency_table(snapshot.get("latency", {})),
+                 Panel(Group(*recent) if recent else Text("(no events yet)", style="dim"), title="events",
+                       title_align="left"), footer)

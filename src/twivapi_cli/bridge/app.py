@@ -15,6 +15,7 @@ from typing import Any
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
@@ -88,6 +89,27 @@ def routes(extra: list | None = None) -> list:
     return table + (extra or [])
 
 
+class CountResponses:
+    """ASGI middleware: responses by route and status, for /metrics (known routes only: a scanner
+    hitting random paths must not grow the table)."""
+
+    def __init__(self, app, counts: dict, known: set[str]):
+        self.app, self.counts, self.known = app, counts, known
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path = scope["path"] if scope["path"] in self.known else "other"
+
+        async def counting_send(message):
+            if message["type"] == "http.response.start":
+                key = (path, message["status"])
+                self.counts[key] = self.counts.get(key, 0) + 1
+            await send(message)
+
+        await self.app(scope, receive, counting_send)
+
+
 def create_app(settings: Settings, store: Store, vapi: Any, *, tools: ToolRegistry | None = None,
                instance: str | None = None, extra_routes: list | None = None) -> Starlette:
     recorder = Recorder(store, instance or uuid.uuid4().hex[:8])
@@ -105,8 +127,12 @@ def create_app(settings: Settings, store: Store, vapi: Any, *, tools: ToolRegist
             await vapi.aclose()
             await store.close()
 
-    app = Starlette(routes=routes(extra_routes), lifespan=lifespan, exception_handlers={
-        HttpError: _http_error, HTTPException: _starlette_error, StoreError: _store_error, Exception: _unexpected})
+    table = routes(extra_routes)
+    http_counts: dict[tuple[str, int], int] = {}
+    app = Starlette(routes=table, lifespan=lifespan, exception_handlers={
+        HttpError: _http_error, HTTPException: _starlette_error, StoreError: _store_error, Exception: _unexpected},
+        middleware=[Middleware(CountResponses, counts=http_counts, known={r.path for r in table})])
+    app.state.http_counts = http_counts
     app.state.settings = settings
     app.state.store = store
     app.state.recorder = recorder

@@ -4,16 +4,23 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import logging
+import os
+import secrets
+import signal
 import socket
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import uvicorn
 
 from ..config import Settings
 from ..errors import TwivapiError
+from ..tail import BRIDGE_FILE
 
 log = logging.getLogger("twivapi.bridge")
 
@@ -27,26 +34,64 @@ def _config(app, host: str, port: int, log_level: str) -> uvicorn.Config:
                           ws_per_message_deflate=False)
 
 
-def check_port_free(host: str, port: int, flag: str = "--port") -> None:
-    if port == 0:
-        return
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            probe.bind((host, port))
-        except OSError:
-            raise TwivapiError(f"{host}:{port} is already in use", hint=f"choose another with {flag}") from None
+def _bind_or_explain(host: str, port: int, setting: str) -> socket.socket:
+    try:
+        return bind(host, port)
+    except OSError as exc:
+        raise TwivapiError(f"cannot listen on {host}:{port} ({exc.strerror or exc})",
+                           hint=f"is another bridge running? choose another port with {setting}") from None
 
 
-def serve_forever(settings: Settings, *, log_level: str = "info") -> None:
+class _QuietServer(uvicorn.Server):
+    """A uvicorn server that leaves signals to us: two servers share one loop and one Ctrl-C."""
+
+    def capture_signals(self):
+        return contextlib.nullcontext()
+
+
+def write_bridge_file(state_dir: Path, admin_url: str, token: str, public_port: int) -> Path:
+    """Where `twivapi tail` finds this bridge: admin address and token, readable by the owner only."""
+    state_dir.mkdir(parents=True, exist_ok=True)
+    path = state_dir / BRIDGE_FILE
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        json.dump({"admin_url": admin_url, "token": token, "pid": os.getpid(), "port": public_port}, handle)
+    os.chmod(path, 0o600)
+    return path
+
+
+def serve_forever(settings: Settings, *, log_level: str = "info", announce=print) -> None:
+    """The public app on --host/--port and the admin app on 127.0.0.1:<admin port>, one event loop."""
     from . import build_app
+    from .admin import create_admin_app
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app = build_app(settings)
-    check_port_free(settings.host, settings.port)
-    log.info("twivapi bridge (%s mode) on http://%s:%s, public URL %s", settings.mode, settings.host,
-             settings.port, settings.public_url or "(not set)")
-    uvicorn.Server(_config(app, settings.host, settings.port, log_level)).run()
+    public_sock = _bind_or_explain(settings.host, settings.port, "--port / TWIVAPI_PORT")
+    admin_sock = _bind_or_explain("127.0.0.1", settings.admin_port, "TWIVAPI_ADMIN_PORT")  # loopback only
+    token = secrets.token_urlsafe(24)
+    admin_url = f"http://127.0.0.1:{admin_sock.getsockname()[1]}"
+    public = _QuietServer(_config(app, settings.host, public_sock.getsockname()[1], log_level))
+    admin = _QuietServer(_config(create_admin_app(app, token), "127.0.0.1", admin_sock.getsockname()[1], log_level))
+    bridge_file = write_bridge_file(Path(settings.state_dir), admin_url, token, public_sock.getsockname()[1])
+    announce(f"twivapi bridge ({settings.mode} mode) on http://{settings.host}:{public_sock.getsockname()[1]}, "
+             f"public URL {settings.public_url or '(not set)'}")
+    announce(f"admin (loopback only): {admin_url}; token in {bridge_file}; watch it with `twivapi tail`")
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, lambda: setattr(public, "should_exit", True) or
+                                    setattr(admin, "should_exit", True))
+        admin_task = asyncio.create_task(admin.serve(sockets=[admin_sock]))
+        await public.serve(sockets=[public_sock])
+        admin.should_exit = True
+        await admin_task
+
+    try:
+        asyncio.run(main())
+    finally:
+        bridge_file.unlink(missing_ok=True)
 
 
 @dataclass

@@ -30,4 +30,4 @@ def register(app: typer.Typer) -> None:
         with errors_to_exit():
             from ..bridge.server import serve_forever
 
-            serve_forever(settings, log_level=log_level)
+            serve_forever(settings, log_level=log_level, announce=lambda line: typer.echo(line, err=True))

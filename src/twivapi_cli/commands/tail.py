@@ -1,0 +1,137 @@
+"""`twivapi tail`: live session state and latency from a running bridge."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from ._common import ENV_FILE_OPTION, errors_to_exit, load, stderr_console, stdout_console
+
+RECENT = 12
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("tail")
+    def tail(
+        url: Optional[str] = typer.Option(None, "--url", help="Admin URL (default: the bridge `serve` started "
+                                                              "from this directory, found in its state dir)."),
+        token: Optional[str] = typer.Option(None, "--token", help="Admin token (default: from bridge.json)."),
+        call: Optional[str] = typer.Option(None, "--call", help="Only this CallSid."),
+        type_: Optional[str] = typer.Option(None, "--type", help="Only event types starting with this, e.g. media."),
+        since: Optional[str] = typer.Option(None, "--since", help="Start this far back, e.g. 30s, 5m, 1h."),
+        as_json: bool = typer.Option(False, "--json", help="One JSON event per line, for scripts."),
+        once: bool = typer.Option(False, "--once", help="Print a snapshot (or, with --json, the backlog) and exit."),
+        show_numbers: bool = typer.Option(False, "--show-numbers", help="Show caller phone numbers unmasked."),
+        env_file: Path = ENV_FILE_OPTION,
+    ):
+        """Follow a running bridge: active calls, latency (p50/p95/p99) and events as they happen."""
+        import asyncio
+
+        from .. import tail as lib
+
+        settings = load({}, env_file)
+        with errors_to_exit():
+            target = _target(lib, url, token, settings.state_dir)
+            filters = lib.Filters(call=call, type=type_, since_s=_since(lib, since))
+            # a bridge found through bridge.json is looked up again after a restart (new port, new token)
+            filters.rediscover = None if url else (lambda: lib.discover(Path(settings.state_dir)))
+            runner = _json if as_json else (_snapshot if once else _live)
+            asyncio.run(runner(lib, target, filters, once, show_numbers))
+
+
+def _since(lib, text):
+    from ..errors import UsageError
+    try:
+        return lib.parse_since(text)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def _target(lib, url, token, state_dir):
+    from ..errors import TargetUnreachable
+    if url:
+        return lib.Target(url.rstrip("/"), token)
+    found = lib.discover(Path(state_dir))
+    if found is None:
+        raise TargetUnreachable(f"no running bridge found in {state_dir}",
+                                hint="start one with `twivapi serve` in this directory, or pass --url")
+    return found
+
+
+async def _json(lib, target, filters, once, show_numbers) -> None:
+    async for item in _events(lib, target, filters, once):
+        if isinstance(item, lib.Notice):
+            stderr_console().print(f"[yellow]-- {item.message}[/yellow]")
+        else:
+            typer.echo(json.dumps(lib.mask_event(item, show_numbers), default=str))
+
+
+async def _events(lib, target, filters, once):
+    import httpx
+
+    from ..errors import TargetUnreachable
+    try:
+        async for item in lib.follow(target, filters, once=once, rediscover=filters.rediscover):
+            yield item
+    except httpx.TransportError:
+        raise TargetUnreachable(f"no bridge answers at {target.url}",
+                                hint="is `twivapi serve` running? start it, or pass the right --url") from None
+    except PermissionError as exc:
+        raise TargetUnreachable(str(exc)) from None
+
+
+async def _snapshot(lib, target, filters, once, show_numbers) -> None:
+    import httpx
+
+    from ..errors import TargetUnreachable
+    from ..ui import event_line, tail_view
+    try:
+        snap = await lib.snapshot(target)
+    except httpx.HTTPError:
+        raise TargetUnreachable(f"no bridge answers at {target.url}",
+                                hint="is `twivapi serve` running? start it, or pass the right --url") from None
+    recent = []
+    async for item in _events(lib, target, filters, True):
+        if not isinstance(item, lib.Notice):
+            recent.append(event_line(lib.mask_event(item, show_numbers)))
+    snap["sessions"] = [lib.mask(s, show_numbers=show_numbers) for s in snap["sessions"]]
+    stdout_console().print(tail_view(snap, recent[-RECENT:]))
+
+
+async def _live(lib, target, filters, once, show_numbers) -> None:
+    import asyncio
+    import collections
+
+    from rich.live import Live
+
+    from ..ui import event_line, notice_line, tail_view
+    recent: collections.deque = collections.deque(maxlen=RECENT)
+    state = {"snap": {"sessions": [], "latency": {}}, "status": None, "dropped": 0}
+
+    async def poll() -> None:
+        while True:
+            try:
+                snap = await lib.snapshot(target)
+                snap["sessions"] = [lib.mask(s, show_numbers=show_numbers) for s in snap["sessions"]]
+                state["snap"] = snap
+            except Exception:  # the event stream reports outages; the panels keep their last figures
+                pass
+            await asyncio.sleep(1.0)
+
+    def render():
+        return tail_view(state["snap"], list(recent), state["status"], state["dropped"])
+
+    poller = asyncio.create_task(poll())
+    try:
+        with Live(console=stdout_console(), refresh_per_second=4, get_renderable=render):
+            async for item in lib.follow(target, filters, rediscover=filters.rediscover):
+                if isinstance(item, lib.Notice):
+                    state["status"] = notice_line(item.message, item.kind)
+                    state["dropped"] += item.count
+                else:
+                    recent.append(event_line(lib.mask_event(item, show_numbers)))
+    finally:
+        poller.cancel()
