@@ -5,12 +5,12 @@ from __future__ import annotations
 import contextlib
 import json
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterator
 
 import httpx
 
-from twivapi_cli import signing
+from twivapi_cli import net, signing
 from twivapi_cli.bridge.app import create_app
 from twivapi_cli.bridge.server import RunningServer, start_in_thread
 from twivapi_cli.config import Settings, load_settings
@@ -38,6 +38,7 @@ class Bridge:
     server: RunningServer
     app: object
     settings: Settings
+    http: httpx.Client = field(default_factory=lambda: net.client(timeout=20))
 
     @property
     def url(self) -> str:
@@ -46,7 +47,7 @@ class Bridge:
     def twilio(self, path: str, params: dict, *, signed_url: str | None = None, headers: dict | None = None,
                token: str = TOKEN) -> httpx.Response:
         sig = signing.twilio_signature(token, signed_url or PUBLIC + path, params)
-        return httpx.post(self.url + path, data=params, headers={"X-Twilio-Signature": sig, **(headers or {})})
+        return self.http.post(self.url + path, data=params, headers={"X-Twilio-Signature": sig, **(headers or {})})
 
     def voice(self, call_sid: str, **params: str) -> httpx.Response:
         return self.twilio("/twilio/voice", {"CallSid": call_sid, "From": "+15551112222", "To": "+15553334444",
@@ -61,7 +62,7 @@ class Bridge:
     def vapi(self, message: dict, mode: str = "secret", secret: str = VAPI_SECRET) -> httpx.Response:
         body = json.dumps({"message": message}).encode()
         headers = {"content-type": "application/json", **signing.sign_vapi(secret, body, mode)}
-        return httpx.post(self.url + "/vapi/webhook", content=body, headers=headers)
+        return self.http.post(self.url + "/vapi/webhook", content=body, headers=headers)
 
     def session(self, call_sid: str):
         return self.server.run(lambda: self.app.state.store.get_session(call_sid))
@@ -81,9 +82,11 @@ def running_bridge(settings: Settings, store, *, public_from_server: bool = Fals
     vapi = VapiClient(settings.vapi_base_url, settings.vapi_api_key.reveal())
     app = create_app(settings, store, vapi, **options)
     server = start_in_thread(app, sock=sock)
+    bridge = Bridge(server, app, settings)
     try:
-        yield Bridge(server, app, settings)
+        yield bridge
     finally:
+        bridge.http.close()
         server.stop()
 
 

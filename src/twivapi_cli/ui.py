@@ -106,3 +106,31 @@ def tail_view(snapshot: dict, recent: list[Text], status: Text | None = None, dr
     return Group(sessions_table(snapshot.get("sessions", [])), latency_table(snapshot.get("latency", {})),
                  Panel(Group(*recent) if recent else Text("(no events yet)", style="dim"), title="events",
                        title_align="left"), footer)
+
+
+# --- replay -----------------------------------------------------------------------------------------
+
+def replay_report(results: list, percentile_rows: list[dict]) -> Group:
+    parts: list[Any] = []
+    for result in results:
+        table = Table(title=f"{result.fixture} ({result.path})" + (f" run {result.run}" if result.run else ""),
+                      title_justify="left")
+        for column in ("#", "step", "status", "ms", "result"):
+            table.add_column(column)
+        for step in result.steps:
+            verdict = Text("ok", style="green") if step.ok else Text("; ".join(step.problems), style="red bold")
+            table.add_row(str(step.index), step.label, str(step.status or ""), f"{step.ms:.1f}", verdict)
+        parts.append(table)
+    if percentile_rows:
+        table = Table(title="latency per step across runs (ms)", title_justify="left")
+        for column in ("step", "n", "p50", "p95", "p99"):
+            table.add_column(column)
+        for row in percentile_rows:
+            table.add_row(f"{row['step']}: {row['label']}", str(row["n"]), f"{row['p50']:.1f}", f"{row['p95']:.1f}",
+                          f"{row['p99']:.1f}")
+        parts.append(table)
+    failed = [r for r in results if not r.ok]
+    steps = sum(len(r.steps) for r in results)
+    parts.append(Text(f"{len(results) - len(failed)}/{len(results)} scenario runs passed, {steps} steps",
+                      style="green bold" if not failed else "red bold"))
+    return Group(*parts)

@@ -60,13 +60,17 @@ def write_bridge_file(state_dir: Path, admin_url: str, token: str, public_port: 
     return path
 
 
-def serve_forever(settings: Settings, *, log_level: str = "info", announce=print) -> None:
+def serve_forever(settings: Settings, *, log_level: str = "info", announce=print,
+                  record_to: Path | None = None) -> None:
     """The public app on --host/--port and the admin app on 127.0.0.1:<admin port>, one event loop."""
     from . import build_app
     from .admin import create_admin_app
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app = build_app(settings)
+    if record_to is not None:
+        from .recording import RecordWebhooks
+        app.add_middleware(RecordWebhooks, out=record_to)
     public_sock = _bind_or_explain(settings.host, settings.port, "--port / TWIVAPI_PORT")
     admin_sock = _bind_or_explain("127.0.0.1", settings.admin_port, "TWIVAPI_ADMIN_PORT")  # loopback only
     token = secrets.token_urlsafe(24)
@@ -117,8 +121,11 @@ class RunningServer:
 
 def bind(host: str = "127.0.0.1", port: int = 0) -> socket.socket:
     """A bound listening socket: its port is known before the app is built (e.g. for a public URL)."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    # Accepted connections inherit this: uvicorn writes a response's head and body separately, and
+    # with Nagle on, the body waits for the client's delayed ACK (40 ms per webhook, measured).
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     sock.bind((host, port))
     return sock
 

@@ -26,7 +26,7 @@ from typing import Any, Awaitable, Callable
 import httpx
 import websockets
 
-from .. import signing
+from .. import net, signing
 
 FRAME = 160            # 20 ms of mu-law
 FRAME_S = 0.02
@@ -126,7 +126,7 @@ class SimulatedCaller:
     def __init__(self, auth_token: str, account_sid: str = "AC" + "0" * 32, *,
                  http: httpx.AsyncClient | None = None, faults: Any = None):
         self.token, self.account_sid = auth_token, account_sid
-        self.http = http or httpx.AsyncClient(timeout=15.0)  # Twilio's 15 s cap
+        self.http = http or net.async_client(timeout=15.0)  # Twilio's 15 s cap
         self.faults = faults   # the Twilio simulator's Faults: webhook rules for status callbacks
         self._senders: dict[str, Callable] = {}
 

@@ -20,7 +20,7 @@ import httpx
 from starlette.routing import WebSocketRoute
 from starlette.websockets import WebSocket
 
-from .. import signing
+from .. import net, signing
 from .vapi_assistant import Script, SimulatedAssistant
 
 log = logging.getLogger("twivapi.sim")
@@ -35,7 +35,7 @@ class ServerPoster:
                  http: httpx.AsyncClient | None = None, timeout: float = 20.0,
                  before_send: Callable[[dict], Any] | None = None):
         self.url, self.secret, self.auth = url, secret, auth
-        self.http = http or httpx.AsyncClient(timeout=timeout)
+        self.http = http or net.async_client(timeout=timeout)
         self.owns_http = http is None
         self.before_send = before_send   # fault injection: may delay, duplicate or drop (returns a list)
         self.sent: list[dict] = []
