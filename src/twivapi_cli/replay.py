@@ -158,19 +158,22 @@ class Runner:
         self.public = (public_url or target).rstrip("/")
         self.creds = creds
         self.overrides = overrides or {}
-        self.client = client or net.async_client(timeout=20.0)
+        self.client = client or net.async_client(timeout=20.0, limits=httpx.Limits(max_connections=200,
+                                                                                    max_keepalive_connections=200))
         self.base_dir = base_dir or Path(".")
+        import os
+        self.env_vars = {f"env.{k}": v for k, v in os.environ.items() if k.startswith(("TWIVAPI_", "REPLAY_"))}
+        self._templated: dict[int, bool] = {}
 
     async def aclose(self) -> None:
         await self.client.aclose()
 
     def variables(self, fixture: Fixture) -> dict[str, str]:
-        import os
         call_sid = "CA" + uuid.uuid4().hex
         variables = {"call_sid": call_sid, "call.sid": call_sid, "target": self.target, "public_url": self.public,
                      "account_sid": self.creds.account_sid, "call.from": "+15551230001", "call.to": "+15551230002",
                      "vapi_call_id": str(uuid.uuid4()), "run_id": uuid.uuid4().hex[:8]}
-        variables.update({f"env.{k}": v for k, v in os.environ.items() if k.startswith(("TWIVAPI_", "REPLAY_"))})
+        variables.update(self.env_vars)
         variables.update(fixture.vars)
         variables.update(self.overrides)
         return variables
@@ -195,10 +198,13 @@ class Runner:
         return FixtureResult(fixture.name, path, results, time.monotonic() - started, run)
 
     async def step(self, index: int, step: Step, variables: dict, media: MediaSession | None, path: str):
-        try:
-            rendered = Step.model_validate(render(step.model_dump(exclude_unset=True, by_alias=True), variables))
-        except KeyError as exc:
-            raise FixtureError(path, f"unknown variable {{{{{exc.args[0]}}}}}", step=index) from None
+        if self._templated.setdefault(id(step), "{{" in step.model_dump_json(by_alias=True)):
+            try:
+                rendered = Step.model_validate(render(step.model_dump(exclude_unset=True, by_alias=True), variables))
+            except KeyError as exc:
+                raise FixtureError(path, f"unknown variable {{{{{exc.args[0]}}}}}", step=index) from None
+        else:
+            rendered = step   # nothing to substitute: skip re-validating it on every run
         started = time.monotonic()
         if rendered.kind == "media":
             media, problems = await self.media_step(rendered, variables, media)
