@@ -142,6 +142,8 @@ SETTINGS: tuple[Setting, ...] = (
             "Vapi call setups that may wait at once; past it callers get the fallback TwiML.", int),
     Setting("ngrok_authtoken", "NGROK_AUTHTOKEN", None, "ngrok auth token for `serve --tunnel`.",
             secret=True),
+    Setting("ngrok_path", "TWIVAPI_NGROK_PATH", None,
+            "The ngrok binary for `serve --tunnel` (default: ngrok on PATH; never downloaded)."),
 )
 
 _BY_ATTR = {s.attr: s for s in SETTINGS}
@@ -169,6 +171,7 @@ class Settings:
     session_ttl: float = 4 * 3600.0
     setup_queue_limit: int = 2000
     ngrok_authtoken: Secret | None = None
+    ngrok_path: str | None = None
 
     def require(self, *attrs: str) -> None:
         """Fail with one message naming every missing variable and how to set it."""

@@ -134,3 +134,26 @@ def replay_report(results: list, percentile_rows: list[dict]) -> Group:
     parts.append(Text(f"{len(results) - len(failed)}/{len(results)} scenario runs passed, {steps} steps",
                       style="green bold" if not failed else "red bold"))
     return Group(*parts)
+
+
+# --- provision and doctor ---------------------------------------------------------------------------
+
+def plan_table(plan) -> Table:
+    table = Table(title="plan", title_justify="left")
+    table.add_column("#")
+    table.add_column("action")
+    for i, action in enumerate(plan.actions, 1):
+        table.add_row(str(i), Text(action.description, style="bold red" if action.costs_money else ""))
+    for note in plan.notes:
+        table.add_row("", Text(note, style="dim"))
+    return table
+
+
+def doctor_table(checks) -> Table:
+    table = Table(title="twivapi doctor", title_justify="left")
+    for column in ("check", "", "found", "fix"):
+        table.add_column(column, overflow="fold")
+    for check in checks:
+        table.add_row(check.name, Text("✔", style="green") if check.ok else Text("✘", style="red bold"),
+                      check.detail, check.fix)
+    return table
