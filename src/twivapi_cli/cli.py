@@ -40,13 +40,7 @@ def _root(version: bool = typer.Option(False, "--version", callback=_version, is
 
 def _register_all() -> None:
     for name in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(f"{__package__}.commands.{name}")
-        except ModuleNotFoundError as exc:
-            if exc.name != f"{__package__}.commands.{name}":
-                raise
-            continue  # command not built yet
-        module.register(app)
+        importlib.import_module(f"{__package__}.commands.{name}").register(app)
 
 
 _register_all()

@@ -7,7 +7,6 @@ No module-level app and no environment reads: everything the handlers need hangs
 from __future__ import annotations
 
 import contextlib
-import importlib
 import logging
 import time
 import uuid
@@ -24,7 +23,7 @@ from .. import __version__
 from ..config import Settings
 from ..errors import StoreError
 from ..store import Store
-from . import twilio_hooks, vapi_hooks
+from . import media, twilio_hooks, vapi_hooks
 from .events import Recorder
 from .http import HttpError, error_response
 from .sessions import CallRegistry
@@ -80,13 +79,7 @@ def routes(extra: list | None = None) -> list:
         Route("/vapi/webhook", vapi_hooks.webhook, methods=["POST"]),
         Route("/health", health, methods=["GET"]),
     ]
-    try:
-        media = importlib.import_module(f"{__package__}.media")
-        table += media.routes()
-    except ModuleNotFoundError as exc:  # the media bridge ships in its own module
-        if exc.name != f"{__package__}.media":
-            raise
-    return table + (extra or [])
+    return table + media.routes() + (extra or [])
 
 
 class CountResponses:
