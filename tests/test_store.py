@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import uuid
 
 import pytest
 
@@ -13,11 +14,28 @@ from twivapi_cli.store.memory import MemoryStore
 from twivapi_cli.store.sqlite import SQLiteStore
 
 
-@pytest.fixture(params=["memory", "sqlite"])
+def redis_available() -> bool:
+    import socket
+    try:
+        socket.create_connection(("127.0.0.1", 6379), timeout=0.5).close()
+        return True
+    except OSError:
+        return False
+
+
+@pytest.fixture(params=["memory", "sqlite", pytest.param("redis", marks=pytest.mark.redis)])
 async def store(request, tmp_path):
-    s = MemoryStore() if request.param == "memory" else SQLiteStore(tmp_path / "s.db")
+    if request.param == "redis":
+        if not redis_available():
+            pytest.skip("no Redis server on 127.0.0.1:6379 (scripts/ensure-redis.sh starts one)")
+        from twivapi_cli.store.redis import RedisStore
+        s = RedisStore("redis://127.0.0.1:6379/0", prefix=f"twivapi-test:{uuid.uuid4().hex[:8]}:")
+    else:
+        s = MemoryStore() if request.param == "memory" else SQLiteStore(tmp_path / "s.db")
     await s.open()
     yield s
+    if request.param == "redis":
+        await s.delete_all()
     await s.close()
 
 

@@ -124,6 +124,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("store", "TWIVAPI_STORE", None,
             "Where state lives: sqlite:///path.db, memory://, redis://host:port/db "
             "(default: SQLite in the state dir)."),
+    Setting("redis_prefix", "TWIVAPI_REDIS_PREFIX", "twivapi:",
+            "Key prefix in Redis (several bridges or tests can share one server)."),
     Setting("mode", "TWIVAPI_MODE", "stream", "stream | bypass | native.", _choice(MODES)),
     Setting("audio_format", "TWIVAPI_AUDIO_FORMAT", "mulaw-8k",
             "Audio to Vapi's WebSocket transport: mulaw-8k (passthrough) | pcm16-16k.",
@@ -161,6 +163,7 @@ class Settings:
     vapi_phone_number_id: str | None = None
     public_url: str | None = None
     store: str | None = None
+    redis_prefix: str = "twivapi:"
     mode: str = "stream"
     audio_format: str = "mulaw-8k"
     host: str = "127.0.0.1"

@@ -13,7 +13,7 @@ def build_app(settings: Settings, **options):
     from .app import check_settings, create_app
 
     check_settings(settings)
-    store = open_store(settings.store_url)
+    store = open_store(settings.store_url, prefix=settings.redis_prefix)
     key = settings.vapi_api_key.reveal() if settings.vapi_api_key else ""
     vapi = VapiClient(settings.vapi_base_url, key)
     return create_app(settings, store, vapi, **options)

@@ -33,6 +33,7 @@ PARK_PER_CALL = 64          # messages parked per unknown call
 PARK_CALLS = 5_000          # unknown calls parked at once
 PARK_TTL = 30.0             # seconds a parked message waits for its session
 SWEEP_INTERVAL = 5.0
+HEARTBEAT_TTL = 6.0         # an instance whose heartbeat is older than this is gone; its calls end
 
 Listener = Callable[[str, dict], Awaitable[None]]
 Job = Callable[[], Awaitable[None]]
@@ -61,6 +62,9 @@ class CallRegistry:
         self._tasks = [asyncio.create_task(self._setup_worker(lane()), name=f"setup-{i}")
                        for i in range(SETUP_WORKERS)]
         self._tasks.append(asyncio.create_task(self._sweeper(), name="sweeper"))
+        if hasattr(self.store, "signals"):   # several instances: hear the others' signals, say we live
+            self._tasks.append(asyncio.create_task(self._relay_signals(), name="signals"))
+            self._tasks.append(asyncio.create_task(self._heartbeat(), name="heartbeat"))
 
     async def stop(self) -> None:
         for task in self._tasks:
@@ -240,17 +244,56 @@ class CallRegistry:
                 del self._listeners[call_sid]
 
     async def signal(self, call_sid: str, kind: str, data: dict) -> None:
+        """Tell whoever holds the call's media socket: here, and on every other instance."""
+        await self._deliver(call_sid, kind, data)
+        if hasattr(self.store, "publish_signal"):
+            try:
+                await self.store.publish_signal(call_sid, kind, data, self.recorder.instance)
+            except TwivapiError as exc:
+                log.warning("could not publish %s for %s: %s", kind, call_sid, exc)
+
+    async def _deliver(self, call_sid: str, kind: str, data: dict) -> None:
         for listener in list(self._listeners.get(call_sid, ())):
             try:
                 await listener(kind, data)
             except Exception:
                 log.exception("listener for %s failed on %s", call_sid, kind)
 
+    async def _relay_signals(self) -> None:
+        async for message in self.store.signals():
+            if message.get("origin") != self.recorder.instance and message.get("call_sid") in self._listeners:
+                await self._deliver(message["call_sid"], message["kind"], message.get("data") or {})
+
+    async def _heartbeat(self) -> None:
+        while True:
+            try:
+                await self.store.heartbeat(self.recorder.instance, HEARTBEAT_TTL)
+            except TwivapiError:
+                pass   # Redis down: /health says so; we try again
+            await asyncio.sleep(HEARTBEAT_TTL / 3)
+
     # --- expiry ---------------------------------------------------------------------------------
+    async def _end_orphans(self) -> int:
+        """Calls whose instance is gone (no heartbeat): end and clean them up, saying why."""
+        ended = 0
+        alive: dict[str, bool] = {self.recorder.instance: True}
+        for session in await self.store.active_sessions():
+            owner = session.instance
+            if not owner or owner == self.recorder.instance:
+                continue
+            if owner not in alive:
+                alive[owner] = await self.store.alive(owner)
+            if not alive[owner] and await self.end(session.call_sid, "instance-lost"):
+                ended += 1
+        return ended
+
     async def _sweeper(self) -> None:
         while True:
             await asyncio.sleep(SWEEP_INTERVAL)
-            await self.sweep()
+            try:
+                await self.sweep()
+            except TwivapiError as exc:   # store down: try again next round
+                log.warning("sweep skipped: %s", exc)
 
     async def sweep(self, now: float | None = None) -> int:
         """Expire idle sessions and stale parked messages; returns sessions expired."""
@@ -259,6 +302,8 @@ class CallRegistry:
         for session in await self.store.expired_sessions(wall - self.settings.session_ttl):
             if await self.end(session.call_sid, "expired-ttl"):
                 expired += 1
+        if hasattr(self.store, "alive"):
+            expired += await self._end_orphans()
         mono = time.monotonic()
         for key in [k for k, p in self._parked.items() if mono - p.created > PARK_TTL]:
             dropped = self._parked.pop(key)

@@ -1,0 +1,145 @@
+"""Two bridge instances on Redis vs one on SQLite (signed voice webhooks at concurrency 50, same run),
+and cross-instance barge-in: a `user-interrupted` webhook on instance B reaching the media listener
+on instance A.
+
+Needs node + npm for the load (autocannon, like bench_webhooks) and Redis on 127.0.0.1:6379.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_webhooks as bw  # noqa: E402
+
+from twivapi_cli import signing  # noqa: E402
+
+
+def _load_two(node_dir: Path, ports: list[int], seconds: int) -> list[dict]:
+    results: list[dict] = [{}] * len(ports)
+
+    def one(i: int, port: int) -> None:
+        results[i] = bw.load(node_dir, port, bw.PUBLIC, seconds, connections=50 // len(ports))
+    threads = [threading.Thread(target=one, args=(i, p)) for i, p in enumerate(ports)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results
+
+
+def webhook_rows(quick: bool) -> list[dict]:
+    seconds = 3 if quick else 8
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp_path = Path(tmp)
+        node_dir = bw.prepare_node(tmp_path)
+        if node_dir is None:
+            print("bench_scaleout: node/npm not found: skipping the webhook comparison")
+            return []
+        vapi_port = bw.free_port()
+        vapi = subprocess.Popen(["node", "fake_vapi_bench.js"], cwd=node_dir,
+                                env={**os.environ, "PORT": str(vapi_port)}, stdout=subprocess.DEVNULL)
+        rows = []
+        try:
+            bw.wait_http(f"http://127.0.0.1:{vapi_port}/count")
+            base = {**os.environ, "TWILIO_AUTH_TOKEN": bw.TOKEN, "VAPI_API_KEY": "k", "VAPI_WEBHOOK_SECRET": "s",
+                    "VAPI_ASSISTANT_ID": "a", "TWIVAPI_PUBLIC_URL": bw.PUBLIC,
+                    "VAPI_BASE_URL": f"http://127.0.0.1:{vapi_port}"}
+            twivapi = str(Path(sys.executable).with_name("twivapi"))
+            for name, stores in (("1 instance, SQLite", [f"sqlite:///{tmp_path}/one.db"]),
+                                 ("2 instances, Redis", ["redis://127.0.0.1:6379/0"] * 2)):
+                prefix = f"bench-{uuid.uuid4().hex[:6]}:"
+                procs, ports = [], []
+                for i, store in enumerate(stores):
+                    port = bw.free_port()
+                    env = {**base, "TWIVAPI_STORE": store, "TWIVAPI_REDIS_PREFIX": prefix,
+                           "TWIVAPI_STATE_DIR": str(tmp_path / f"state-{name[0]}-{i}")}
+                    procs.append(subprocess.Popen([twivapi, "serve", "--port", str(port), "--log-level", "warning"],
+                                                  env=env, cwd=tmp_path, stderr=subprocess.DEVNULL))
+                    ports.append(port)
+                try:
+                    for port in ports:
+                        bw.wait_http(f"http://127.0.0.1:{port}/health")
+                    results = _load_two(node_dir, ports, seconds)
+                finally:
+                    for proc in procs:
+                        proc.terminate()
+                        proc.wait(10)
+                rows.append({"setup": name, "rps": round(sum(r["rps"] for r in results)),
+                             "p50_ms": max(r["p50"] for r in results), "p99_ms": max(r["p99"] for r in results),
+                             "errors": sum(r["errors"] + r["non2xx"] for r in results),
+                             "answered": sum(r["total"] for r in results)})
+                if "Redis" in name:
+                    subprocess.run(["redis-cli", "--scan", "--pattern", prefix + "*"], capture_output=True)
+        finally:
+            vapi.terminate()
+    return rows
+
+
+def bargein_rows(quick: bool) -> list[dict]:
+    from twivapi_cli.bridge.app import create_app
+    from twivapi_cli.bridge.server import start_in_thread
+    from twivapi_cli.config import Secret, Settings
+    from twivapi_cli.store.redis import RedisStore
+    from twivapi_cli.vapi_api import VapiClient
+
+    prefix = f"bench-{uuid.uuid4().hex[:6]}:"
+    settings = Settings(twilio_auth_token=Secret("t"), vapi_webhook_secret=Secret("s"), vapi_api_key=Secret("k"),
+                        vapi_assistant_id="a")
+    apps = [create_app(settings, RedisStore("redis://127.0.0.1:6379/0", prefix=prefix),
+                       VapiClient("http://127.0.0.1:9", "k")) for _ in range(2)]
+    servers = [start_in_thread(app) for app in apps]
+    time.sleep(0.3)   # both subscribed to the signal channel
+    received: dict[str, float] = {}
+    sid = "CA" + uuid.uuid4().hex
+
+    async def listen():
+        async def listener(kind, data):
+            received[data.get("turn")] = time.perf_counter()
+        apps[0].state.registry.listen(sid, listener)
+    servers[0].run(listen)
+    import httpx
+    client = httpx.Client(transport=httpx.HTTPTransport(socket_options=[(6, 1, 1)]))
+    latencies = []
+    for n in range(100 if quick else 500):
+        body = json.dumps({"message": {"type": "speech-update", "role": "user", "status": "started", "turn": n,
+                                       "call": {"phoneCallProviderId": sid}}}).encode()
+        # the session must exist for the message to be applied rather than parked
+        if n == 0:
+            async def create():
+                from twivapi_cli.models import Session
+                await apps[1].state.store.create_session(Session(sid, "stream"))
+            servers[1].run(create)
+        sent = time.perf_counter()
+        client.post(servers[1].url + "/vapi/webhook", content=body, headers=signing.sign_vapi("s", body))
+        deadline = time.perf_counter() + 2
+        while n not in received and time.perf_counter() < deadline:
+            time.sleep(0.0002)
+        if n in received:
+            latencies.append((received[n] - sent) * 1000)
+    for server in servers:
+        server.stop()
+    latencies.sort()
+    return [{"figure": "barge-in webhook on B -> listener on A", "n": len(latencies),
+             "p50_ms": round(latencies[len(latencies) // 2], 2), "p99_ms": round(latencies[int(len(latencies) * .99)], 2)}]
+
+
+def run(quick: bool = False) -> list[dict]:
+    return webhook_rows(quick) + bargein_rows(quick)
+
+
+if __name__ == "__main__":
+    rows = run(quick="--quick" in sys.argv)
+    print(f"# machine: {platform.platform()}, {os.cpu_count()} CPUs, Python {platform.python_version()}")
+    for row in rows:
+        print(" | ".join(f"{k}={v}" for k, v in row.items()))
