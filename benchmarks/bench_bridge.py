@@ -33,22 +33,13 @@ import websockets
 
 from twivapi_cli import signing
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import cpu_seconds, free_port, pct, print_table, wait_http  # noqa: E402
+
 TWIVAPI = str(Path(sys.executable).with_name("twivapi"))
 TOKEN = "bench-auth-token-0123456789abcdef"
 SECRET = "bench-webhook-secret"
 KEY = "bench-vapi-key"
-
-
-def pct(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    ordered = sorted(values)
-    return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))], 2)
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def start_sims(env: dict) -> tuple[subprocess.Popen, dict]:
@@ -63,17 +54,6 @@ def start_sims(env: dict) -> tuple[subprocess.Popen, dict]:
             name, _, value = line.strip().partition("=")
             values[name] = value.strip("'\"")
     return proc, values
-
-
-def wait_http(url: str) -> None:
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        try:
-            httpx.get(url, timeout=1)
-            return
-        except httpx.HTTPError:
-            time.sleep(0.1)
-    raise RuntimeError(f"{url} did not come up")
 
 
 class Caller:
@@ -152,7 +132,7 @@ def run_one(calls: int, seconds: float, audio_format: str, tmp: Path) -> dict:
     try:
         assistant = httpx.post(values["VAPI_BASE_URL"] + "/assistant", headers={"Authorization": f"Bearer {KEY}"},
                                json={"name": "bench-echo", "metadata": {"simulator": {"behavior": "echo"}}}).json()
-        port = _free_port()
+        port = free_port()
         public = f"http://127.0.0.1:{port}"
         bridge_env = {**env, "VAPI_BASE_URL": values["VAPI_BASE_URL"], "VAPI_ASSISTANT_ID": assistant["id"],
                       "TWIVAPI_PUBLIC_URL": public, "TWIVAPI_STORE": f"sqlite:///{tmp}/bridge-{calls}-{audio_format}.db",
@@ -195,26 +175,11 @@ def run_one(calls: int, seconds: float, audio_format: str, tmp: Path) -> dict:
             "bargein_clear_p99_ms": pct(clears, 0.99), "bridge_signal_to_clear_p99_ms": pct(clear_internal, 0.99)}
 
 
-def _free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run(quick: bool = False) -> list[dict]:
     plan = [(20, 4, "mulaw-8k"), (10, 4, "pcm16-16k")] if quick else \
         [(50, 10, "mulaw-8k"), (100, 10, "mulaw-8k"), (50, 10, "pcm16-16k")]
     with tempfile.TemporaryDirectory() as tmp:
         return [run_one(calls, seconds, fmt, Path(tmp)) for calls, seconds, fmt in plan]
-
-
-def print_table(rows: list[dict]) -> None:
-    print(f"# machine: {platform.platform()}, {os.cpu_count()} CPUs, Python {platform.python_version()}")
-    cols = list(rows[0])
-    print(" | ".join(cols))
-    for row in rows:
-        print(" | ".join(str(row[c]) for c in cols))
 
 
 if __name__ == "__main__":

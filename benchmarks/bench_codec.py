@@ -20,6 +20,9 @@ import numpy as np
 
 from twivapi_cli import audio
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import print_table  # noqa: E402
+
 with warnings.catch_warnings():
     warnings.simplefilter("ignore", DeprecationWarning)
     import audioop
@@ -172,14 +175,6 @@ def run(quick: bool = False) -> list[dict]:
                      "empty_calls_pct": round(100 * sum(1 for o in outs if not o) / len(outs), 1),
                      "fixed_size": len({len(o) for o in outs}) == 1})
     return rows
-
-
-def print_table(rows: list[dict]) -> None:
-    print(f"# machine: {platform.platform()}, {os.cpu_count()} CPUs, Python {platform.python_version()}")
-    cols = list(rows[0])
-    print(" | ".join(cols))
-    for row in rows:
-        print(" | ".join(str(row[c]) for c in cols))
 
 
 if __name__ == "__main__":

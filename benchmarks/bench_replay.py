@@ -19,7 +19,9 @@ from pathlib import Path
 
 from twivapi_cli import signing
 
-HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE := Path(__file__).resolve().parent))
+from common import free_port  # noqa: E402
+
 TWIVAPI = str(Path(sys.executable).with_name("twivapi"))
 TOKEN = "bench-auth-token-0123456789abcdef"
 SINK_JS = """require('http').createServer((q, s) => { q.resume(); q.on('end', () => { s.writeHead(204); s.end(); }); })
@@ -38,7 +40,7 @@ def run(quick: bool = False) -> list[dict]:
         subprocess.run(["npm", "install", "--no-audit", "--no-fund", "--silent"], cwd=tmp_path, check=True,
                        capture_output=True, timeout=300)
         (tmp_path / "sink.js").write_text(SINK_JS)
-        port = _free_port()
+        port = free_port()
         sink = subprocess.Popen(["node", "sink.js"], cwd=tmp_path, env={**os.environ, "PORT": str(port)},
                                 stdout=subprocess.PIPE, text=True)
         sink.stdout.readline()
@@ -75,13 +77,6 @@ def run(quick: bool = False) -> list[dict]:
              "p50_ms": round(latencies[len(latencies) // 2], 2), "p99_ms": round(latencies[int(len(latencies) * 0.99)], 2),
              "errors": sum(1 for line in lines if not line["ok"]),
              "vs_autocannon": round(replay_rps / max(cannon["requests"]["average"], 1), 3)}]
-
-
-def _free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 if __name__ == "__main__":

@@ -17,7 +17,9 @@ import threading
 import time
 from pathlib import Path
 
-from twivapi_cli.bridge.admin import create_admin_app
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import cpu_seconds, pct  # noqa: E402
+from twivapi_cli.bridge.admin import create_admin_app  # noqa: E402
 from twivapi_cli.bridge.app import create_app
 from twivapi_cli.bridge.server import start_in_thread
 from twivapi_cli.config import Secret, Settings
@@ -26,16 +28,6 @@ from twivapi_cli.vapi_api import VapiClient
 
 TWIVAPI = str(Path(sys.executable).with_name("twivapi"))
 TOKEN = "bench-admin-token"
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))], 2)
 
 
 def run(quick: bool = False, rate: int = 1000) -> list[dict]:

@@ -23,28 +23,13 @@ from pathlib import Path
 
 import httpx
 
+from common import free_port, print_table, wait_http  # noqa: F401 (bench_scaleout uses them via bw)
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 SEED = ROOT.parent / "shared" / "anchors" / "seed-express"
 TOKEN = "bench-auth-token-0123456789abcdef"
 PUBLIC = "https://bench.example.test"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_http(url: str, timeout: float = 20) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            httpx.get(url, timeout=1)
-            return
-        except httpx.HTTPError:
-            time.sleep(0.1)
-    raise RuntimeError(f"{url} did not come up")
 
 
 def prepare_node(workdir: Path) -> Path | None:
@@ -136,16 +121,6 @@ def run(quick: bool = False) -> list[dict]:
         row["e2e_vs_ref"] = round(row["e2e_rps"] / max(ref["e2e_rps"], 1), 2)
         row["p99_vs_ref"] = round(row["p99_ms"] / max(ref["p99_ms"], 1), 2)
     return rows
-
-
-def print_table(rows: list[dict]) -> None:
-    if not rows:
-        return
-    cols = list(dict.fromkeys(k for row in rows for k in row))
-    print(f"# machine: {platform.platform()}, {os.cpu_count()} CPUs, Python {platform.python_version()}")
-    print(" | ".join(cols))
-    for row in rows:
-        print(" | ".join(str(row.get(c, "")) for c in cols))
 
 
 if __name__ == "__main__":
