@@ -15,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-BENCHMARKS = ("bench_codec", "bench_webhooks", "bench_bridge", "bench_replay", "bench_tail")
+BENCHMARKS = ("bench_codec", "bench_webhooks", "bench_bridge", "bench_replay", "bench_tail", "bench_scaleout")
 
 
 def print_rows(name: str, rows: list[dict]) -> None:
