@@ -81,6 +81,15 @@ def _path_get(data: Any, dotted: str) -> Any:
 _MISSING = object()
 
 
+def _compare(what: str, got: Any, wanted: Any) -> list[str]:
+    """One expectation: ``True`` = present, ``False`` = absent, anything else = equal to it."""
+    if wanted is False:
+        return [] if got is _MISSING else [f"{what}: present, expected absent"]
+    if got is _MISSING:
+        return [f"{what}: missing"]
+    return [] if wanted is True or got == wanted else [f"{what}: {got!r}, expected {wanted!r}"]
+
+
 def _twiml_get(root: ET.Element, xpath: str) -> Any:
     path, _, attribute = xpath.partition("/@")
     if xpath.startswith("@"):
@@ -288,11 +297,7 @@ class Runner:
             except ValueError:
                 return problems + ["reply is not JSON"]
             for dotted, wanted in expect.json_paths.items():
-                got = _path_get(data, dotted)
-                if got is _MISSING:
-                    problems.append(f"JSON {dotted}: missing")
-                elif wanted is not True and got != wanted:
-                    problems.append(f"JSON {dotted}: {got!r}, expected {wanted!r}")
+                problems += _compare(f"JSON {dotted}", _path_get(data, dotted), wanted)
         return problems
 
     @staticmethod
@@ -303,14 +308,7 @@ class Runner:
             return ["reply is not TwiML (XML parse error)"]
         problems = []
         for xpath, wanted in checks.items():
-            got = _twiml_get(root, xpath)
-            if wanted is False:
-                if got is not _MISSING:
-                    problems.append(f"TwiML {xpath}: present, expected absent")
-            elif got is _MISSING:
-                problems.append(f"TwiML {xpath}: missing")
-            elif wanted is not True and got != wanted:
-                problems.append(f"TwiML {xpath}: {got!r}, expected {wanted!r}")
+            problems += _compare(f"TwiML {xpath}", _twiml_get(root, xpath), wanted)
         return problems
 
     @staticmethod
