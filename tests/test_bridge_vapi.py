@@ -155,13 +155,15 @@ def test_parked_messages_expire(bridge):
     registry = bridge.app.state.registry
     assert registry.stats()["parked_calls"] == 1
     import twivapi_cli.bridge.sessions as sessions
-    original = sessions.PARK_TTL
-    sessions.PARK_TTL = 0.0
+    original = sessions.PARK_TTL, sessions.STALE_QUEUE_S
+    sessions.PARK_TTL = sessions.STALE_QUEUE_S = 0.0
     try:
         bridge.server.run(lambda: registry.sweep())
+        wait_for(lambda: registry.stats()["parked_calls"] == 0)
     finally:
-        sessions.PARK_TTL = original
-    assert registry.stats()["parked_calls"] == 0
+        sessions.PARK_TTL, sessions.STALE_QUEUE_S = original
+    assert registry.stats()["queued_calls"] == 0
+    assert [e for e in bridge.events() if e.type == "parked.expired"][0].data["messages"] == 1
 
 
 def test_sessions_that_never_end_expire_by_ttl(bridge):

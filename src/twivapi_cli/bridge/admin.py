@@ -63,19 +63,17 @@ async def events(request: Request) -> Response:
     except ValueError:
         return error_response(400, "bad_request", "after must be an integer, since a number")
     call, kind, once = query.get("call"), query.get("type"), query.get("once") == "1"
+    if hasattr(bridge.store, "follow"):   # several instances: the shared log is the merged view
+        return _streaming(_follow_shared(bridge.store, after, call, kind, since, once))
     subscription = bridge.recorder.subscribe()   # before the backlog: nothing falls between the two
 
     async def stream():
         last, dropped_seen = after, 0
         try:
-            while True:
-                batch = await bridge.store.events(last, call_sid=call, limit=1000)
-                for event in batch:
-                    last = event.seq
-                    if _matches(event, call, kind, since):
-                        yield _sse("event", event.to_dict(), event.seq)
-                if len(batch) < 1000:
-                    break
+            async for event in _backlog(bridge.store, after, call):
+                last = event.seq
+                if _matches(event, call, kind, since):
+                    yield _sse("event", event.to_dict(), event.seq)
             if once:
                 return
             while True:
@@ -95,7 +93,43 @@ async def events(request: Request) -> Response:
         finally:
             bridge.recorder.unsubscribe(subscription)
 
-    return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-store"})
+    return _streaming(stream())
+
+
+def _streaming(body) -> StreamingResponse:
+    return StreamingResponse(body, media_type="text/event-stream", headers={"Cache-Control": "no-store"})
+
+
+async def _backlog(store, after: int, call: str | None):
+    last = after
+    while True:
+        batch = await store.events(last, call_sid=call, limit=1000)
+        for event in batch:
+            last = event.seq
+            yield event
+        if len(batch) < 1000:
+            return
+
+
+async def _follow_shared(store, after: int, call, kind, since, once: bool):
+    """Every instance's events, backlog then live, read from the shared log (a Redis Stream)."""
+    last = after
+    async for event in _backlog(store, after, call):
+        last = event.seq
+        if _matches(event, call, kind, since):
+            yield _sse("event", event.to_dict(), event.seq)
+    if once:
+        return
+    quiet_since = time.monotonic()
+    async for event in store.follow(last):   # None: nothing new for a while
+        if event is None:
+            if time.monotonic() - quiet_since >= KEEPALIVE_S:
+                quiet_since = time.monotonic()
+                yield ": keep-alive\n\n"
+        elif _matches(event, call, kind, since):
+            quiet_since = time.monotonic()
+            yield _sse("event", event.to_dict(), event.seq)
+
 
 
 async def sessions(request: Request) -> JSONResponse:

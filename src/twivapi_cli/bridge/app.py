@@ -130,6 +130,7 @@ def create_app(settings: Settings, store: Store, vapi: Any, *, tools: ToolRegist
     app.state.store = store
     app.state.recorder = recorder
     app.state.registry = registry
+    registry.processor = vapi_hooks.MessageProcessor(app.state)
     app.state.vapi = vapi
     app.state.tools = tools or ToolRegistry.default()
     app.state.instance = recorder.instance

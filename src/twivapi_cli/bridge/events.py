@@ -88,6 +88,10 @@ class Recorder:
             event.processed_at = now
         await self.store.mark(event.seq, acked_at=now if acked else None, processed_at=now if processed else None)
 
+    async def mark_processed(self, seq: int | None) -> None:
+        if seq is not None:
+            await self.store.mark(seq, processed_at=time.time())
+
     def subscribe(self, maxsize: int = 10_000) -> Subscription:
         subscription = Subscription(maxsize)
         self._subscribers.add(subscription)

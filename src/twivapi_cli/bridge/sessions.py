@@ -13,16 +13,15 @@ Design notes (the seed's patterns, done per call):
 from __future__ import annotations
 
 import asyncio
-import collections
 import logging
 import time
-from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable, Protocol
 
 from ..config import Settings
 from ..errors import TwivapiError, VapiApiError
 from ..models import CallState, IllegalTransition, Session
 from ..store import Store, write_behind
+from ..store.queues import LocalQueues
 from .events import Recorder
 
 log = logging.getLogger("twivapi.bridge")
@@ -32,17 +31,19 @@ SETUP_DEADLINE = 8.0        # seconds a setup may wait in the queue before the c
 PARK_PER_CALL = 64          # messages parked per unknown call
 PARK_CALLS = 5_000          # unknown calls parked at once
 PARK_TTL = 30.0             # seconds a parked message waits for its session
+READY_POLL_S = 0.25         # a media socket re-reads its session this often while waiting for Vapi
+QUEUE_LIMIT = 10_000        # messages queued for one known call
+STALE_QUEUE_S = 2.0         # a queue non-empty this long may have lost its drainer: the sweep tries it
 SWEEP_INTERVAL = 5.0
 HEARTBEAT_TTL = 6.0         # an instance whose heartbeat is older than this is gone; its calls end
 
 Listener = Callable[[str, dict], Awaitable[None]]
-Job = Callable[[], Awaitable[None]]
 
 
-@dataclass
-class _Parked:
-    created: float = field(default_factory=time.monotonic)
-    jobs: list[Job] = field(default_factory=list)
+class Processor(Protocol):
+    """What the registry applies queued messages with (``bridge/vapi_hooks.py``)."""
+    async def known(self, item: dict) -> bool: ...
+    async def apply(self, item: dict) -> None: ...
 
 
 class CallRegistry:
@@ -50,8 +51,11 @@ class CallRegistry:
         self.settings, self.store, self.recorder, self.vapi = settings, store, recorder, vapi
         self._setup_queue: asyncio.Queue[tuple[str, float]] = asyncio.Queue(settings.setup_queue_limit)
         self._ready: dict[str, asyncio.Event] = {}
-        self._fifo: dict[str, collections.deque[Job]] = {}
-        self._parked: dict[str, _Parked] = {}
+        # several instances share the store: its queues, and every signal goes through it
+        self.shared = hasattr(store, "call_queues")
+        self.queues = store.call_queues(recorder.instance) if self.shared else LocalQueues()
+        self.processor: Processor | None = None
+        self._drains: set[asyncio.Task] = set()
         self._listeners: dict[str, set[Listener]] = {}
         self._tasks: list[asyncio.Task] = []
         self.setups_inflight = 0
@@ -62,19 +66,21 @@ class CallRegistry:
         self._tasks = [asyncio.create_task(self._setup_worker(lane()), name=f"setup-{i}")
                        for i in range(SETUP_WORKERS)]
         self._tasks.append(asyncio.create_task(self._sweeper(), name="sweeper"))
-        if hasattr(self.store, "signals"):   # several instances: hear the others' signals, say we live
+        if self.shared:   # several instances: hear the signals, say we live
             self._tasks.append(asyncio.create_task(self._relay_signals(), name="signals"))
             self._tasks.append(asyncio.create_task(self._heartbeat(), name="heartbeat"))
 
     async def stop(self) -> None:
-        for task in self._tasks:
+        tasks = self._tasks + list(self._drains)
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
         self._tasks = []
 
     def stats(self) -> dict[str, int]:
+        queues = self.queues.stats() if hasattr(self.queues, "stats") else {}
         return {"setup_queue": self._setup_queue.qsize(), "setups_inflight": self.setups_inflight,
-                "parked_calls": len(self._parked), "busy_calls": len(self._fifo)}
+                "draining_calls": len(self._drains), **queues}
 
     # --- state changes ----------------------------------------------------------------------------
     async def move(self, call_sid: str, to: CallState, *, reason: str | None = None) -> Session | None:
@@ -90,6 +96,8 @@ class CallRegistry:
         await self.recorder.record("state", call_sid, state=to.value, reason=reason)
         if to in (CallState.READY, CallState.ACTIVE) or to.terminal:
             self._ready_event(call_sid).set()
+            if self.shared:   # a media socket waiting on another instance
+                await self.signal(call_sid, "ready", {"state": to.value})
         return session
 
     async def end(self, call_sid: str, reason: str) -> bool:
@@ -179,58 +187,79 @@ class CallRegistry:
 
     async def wait_ready(self, call_sid: str, timeout: float) -> Session | None:
         """The session once its Vapi call exists (or it ended); None on timeout."""
-        session = await self.store.get_session(call_sid)
-        if session is None or session.state in (CallState.RINGING, CallState.SETTING_UP):
-            try:
-                await asyncio.wait_for(self._ready_event(call_sid).wait(), timeout)
-            except asyncio.TimeoutError:
-                return None
+        deadline = time.monotonic() + timeout
+        event = self._ready_event(call_sid)
+        while True:
             session = await self.store.get_session(call_sid)
-        return session
+            if session is not None and session.state not in (CallState.RINGING, CallState.SETTING_UP):
+                return session
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return None
+            try:   # woken by our own move or another instance's "ready"; the poll is the backstop
+                await asyncio.wait_for(event.wait(), min(left, READY_POLL_S))
+            except asyncio.TimeoutError:
+                pass
 
     # --- per-call ordered processing and parking ------------------------------------------------
-    def submit(self, key: str, job: Job) -> None:
-        """Run ``job`` after every earlier job for the same call; calls run concurrently."""
-        fifo = self._fifo.get(key)
-        if fifo is not None:
-            fifo.append(job)
-            return
-        self._fifo[key] = collections.deque([job])
-        asyncio.create_task(self._drain(key))
-
-    async def _drain(self, key: str) -> None:
-        fifo = self._fifo[key]
-        while fifo:
-            job = fifo.popleft()
-            try:
-                await job()
-            except Exception:
-                log.exception("processing a message for %s failed", key)
-        del self._fifo[key]
-
-    def park(self, key: str, job: Job) -> bool:
-        """Hold a job until ``release(key)``; False (dropped, counted) when over a bound."""
-        parked = self._parked.get(key)
-        if parked is None:
-            if len(self._parked) >= PARK_CALLS:
-                self.recorder.count("parked.dropped")
-                return False
-            parked = self._parked[key] = _Parked()
-        if len(parked.jobs) >= PARK_PER_CALL:
+    async def submit(self, key: str, item: dict, *, parked: bool = False) -> bool:
+        """Queue a message for its call; it is applied after every earlier one for the same call, on
+        whichever instance holds the call's lease. ``parked``: its session does not exist yet, so it
+        waits (bounded per call and in total) until ``release(key)``. False: dropped, counted."""
+        accepted, lease = await self.queues.push(key, item, limit=PARK_PER_CALL if parked else QUEUE_LIMIT,
+                                                 max_keys=PARK_CALLS if parked else 0)
+        if not accepted:
             self.recorder.count("parked.dropped")
             return False
-        parked.jobs.append(job)
+        if lease:
+            self._spawn_drain(key)
         return True
 
+    def _spawn_drain(self, key: str, *, expire_unknown: bool = False) -> None:
+        task = asyncio.create_task(self._drain(key, expire_unknown), name=f"drain-{key}")
+        self._drains.add(task)
+        task.add_done_callback(self._drains.discard)
+
+    async def _drain(self, key: str, expire_unknown: bool = False) -> None:
+        """Apply the call's queued messages in order while we hold its lease."""
+        try:
+            while True:
+                held, item = await self.queues.head(key)
+                if not held:
+                    return   # our lease ran out and another instance took over
+                if item is None:
+                    if await self.queues.finish(key):
+                        return
+                    continue
+                if not await self.processor.known(item):
+                    if expire_unknown:
+                        dropped = await self.queues.drop(key)
+                        self.recorder.count("parked.expired", dropped)
+                        await self.recorder.record("parked.expired", None, key=key, messages=dropped)
+                        return
+                    await self.queues.pause(key)
+                    # its session may have appeared while we held the lease (release() could not take it)
+                    if await self.processor.known(item) and await self.queues.acquire(key):
+                        continue
+                    return
+                try:
+                    await self.processor.apply(item)
+                except TwivapiError:
+                    raise
+                except Exception:
+                    log.exception("processing a message for %s failed", key)
+                await self.queues.pop(key)
+        except TwivapiError as exc:   # store down: the lease expires, the sweep drains it later
+            log.warning("draining messages of %s stopped: %s", key, exc)
+
     async def release(self, *keys: str) -> int:
-        released = 0
+        """A session appeared (or got its Vapi id): drain what was parked for it."""
+        started = 0
         for key in keys:
-            parked = self._parked.pop(key, None) if key else None
-            if parked:
-                for job in parked.jobs:
-                    self.submit(key, job)
-                released += len(parked.jobs)
-        return released
+            if key and await self.queues.acquire(key):
+                self._spawn_drain(key)
+                started += 1
+        return started
 
     # --- listeners (the media socket) ---------------------------------------------------------
     def listen(self, call_sid: str, listener: Listener) -> None:
@@ -244,15 +273,22 @@ class CallRegistry:
                 del self._listeners[call_sid]
 
     async def signal(self, call_sid: str, kind: str, data: dict) -> None:
-        """Tell whoever holds the call's media socket: here, and on every other instance."""
-        await self._deliver(call_sid, kind, data)
-        if hasattr(self.store, "publish_signal"):
+        """Tell whoever holds the call's media socket. With a shared store every signal, ours too,
+        goes through it, so a listener hears one call's signals in the order they were sent even
+        when consecutive messages were processed on different instances."""
+        if self.shared:
             try:
                 await self.store.publish_signal(call_sid, kind, data, self.recorder.instance)
+                return
             except TwivapiError as exc:
-                log.warning("could not publish %s for %s: %s", kind, call_sid, exc)
+                log.warning("could not publish %s for %s: %s (delivered here only)", kind, call_sid, exc)
+        await self._deliver(call_sid, kind, data)
 
     async def _deliver(self, call_sid: str, kind: str, data: dict) -> None:
+        if kind == "ready":
+            if call_sid in self._ready:
+                self._ready[call_sid].set()
+            return
         for listener in list(self._listeners.get(call_sid, ())):
             try:
                 await listener(kind, data)
@@ -261,8 +297,9 @@ class CallRegistry:
 
     async def _relay_signals(self) -> None:
         async for message in self.store.signals():
-            if message.get("origin") != self.recorder.instance and message.get("call_sid") in self._listeners:
-                await self._deliver(message["call_sid"], message["kind"], message.get("data") or {})
+            call_sid = message.get("call_sid")
+            if call_sid in self._listeners or call_sid in self._ready:
+                await self._deliver(call_sid, message["kind"], message.get("data") or {})
 
     async def _heartbeat(self) -> None:
         while True:
@@ -304,9 +341,13 @@ class CallRegistry:
                 expired += 1
         if hasattr(self.store, "alive"):
             expired += await self._end_orphans()
-        mono = time.monotonic()
-        for key in [k for k, p in self._parked.items() if mono - p.created > PARK_TTL]:
-            dropped = self._parked.pop(key)
-            self.recorder.count("parked.expired", len(dropped.jobs))
-            await self.recorder.record("parked.expired", None, key=key, messages=len(dropped.jobs))
+        await self._drain_stale_queues()
         return expired
+
+    async def _drain_stale_queues(self) -> None:
+        """Queues nobody drains: their holder died (its lease expired), or they were parked for a
+        session that never appeared (past PARK_TTL they are dropped, counted and recorded)."""
+        parked_too_long = set(await self.queues.pending(PARK_TTL))
+        for key in await self.queues.pending(STALE_QUEUE_S):
+            if await self.queues.acquire(key):
+                self._spawn_drain(key, expire_unknown=key in parked_too_long)

@@ -113,32 +113,41 @@ async def _answer(request: Request, kind: str, message: dict) -> dict | None:
 
 async def _dispatch(request: Request, message: dict, call_sid: str | None, vapi_id: str | None, event) -> None:
     app = request.app.state
-    session = None
-    if call_sid:
-        session = await app.store.get_session(call_sid)
-    if session is None and vapi_id:
-        session = await app.store.find_session(vapi_call_id=vapi_id)
-
-    async def job() -> None:
-        await process(app, message, call_sid or vapi_id)
-        await app.recorder.mark(event, processed=True)
-
-    if session is not None:
-        app.registry.submit(session.call_sid, job)
-        return
-    key = call_sid or vapi_id
+    session = await _session_for(app.store, message)
+    key = session.call_sid if session else (call_sid or vapi_id)
     if key is None:
         await app.recorder.mark(event, processed=True)  # not about a call: nothing to apply
-    elif app.registry.park(key, job):
+        return
+    item = {"message": message, "seq": event.seq}
+    if await app.registry.submit(key, item, parked=session is None) and session is None:
         await app.recorder.record("vapi.parked", call_sid, key=key, type=message["type"])
 
 
-async def process(app, message: dict, key: str) -> None:
-    """Apply one message to its call (runs on the call's FIFO, one at a time)."""
+async def _session_for(store, message: dict):
     call_sid, vapi_id = call_ids(message)
-    session = (await app.store.get_session(call_sid)) if call_sid else None
+    session = (await store.get_session(call_sid)) if call_sid else None
     if session is None and vapi_id:
-        session = await app.store.find_session(vapi_call_id=vapi_id)
+        session = await store.find_session(vapi_call_id=vapi_id)
+    return session
+
+
+class MessageProcessor:
+    """Applies queued messages for the call registry: one at a time per call, in order."""
+
+    def __init__(self, app_state):
+        self.app = app_state
+
+    async def known(self, item: dict) -> bool:
+        return await _session_for(self.app.store, item["message"]) is not None
+
+    async def apply(self, item: dict) -> None:
+        await process(self.app, item["message"])
+        await self.app.recorder.mark_processed(item["seq"])
+
+
+async def process(app, message: dict) -> None:
+    """Apply one message to its call (runs on the call's queue, one at a time)."""
+    session = await _session_for(app.store, message)
     if session is None:
         return
     kind = message["type"]
@@ -160,4 +169,5 @@ async def process(app, message: dict, key: str) -> None:
                                                      "turn": message.get("turn"), "at": time.time()})
     elif kind == "speech-update":
         await app.registry.signal(sid, "speech", {"role": message.get("role"), "status": message.get("status"),
-                                                  "source": "webhook", "at": time.time()})
+                                                  "turn": message.get("turn"), "source": "webhook",
+                                                  "at": time.time()})

@@ -7,7 +7,9 @@ Keys, under a prefix (``TWIVAPI_REDIS_PREFIX``, default ``twivapi:``):
     active             zset CallSid -> updated  claim:<key>  idempotency keys (SET NX PX: they expire)
     seq                the event counter        events       a Stream; entry id = "<seq>-0"
     marks              hash seq -> ack/processed times        instance:<id>  heartbeat (TTL)
-    signal             pub/sub channel for interruptions and ends (the media socket's instance acts)
+    signal             pub/sub channel for interruptions, ends and readiness (every instance hears it)
+    q:<call>           a call's queued Vapi messages (list)     lease:<call>  who drains it (TTL)
+    queued             zset call -> when its queue became non-empty
 
 Transitions and status sequences are Lua scripts: read, check, write in one step on the server, so
 two instances moving the same call never lose an update. The event log keeps the newest
@@ -69,6 +71,97 @@ local seq = redis.call('INCR', KEYS[1])
 redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], seq .. '-0', 'e', ARGV[1])
 return seq
 """
+
+
+# Per-call queues (store/queues.py explains the protocol). KEYS: queue, lease, queued zset.
+# ARGV: item, limit, max_keys, instance, lease ms, now, call key
+_PUSH = """
+local n = redis.call('LLEN', KEYS[1])
+if n >= tonumber(ARGV[2]) then return -1 end
+if n == 0 and tonumber(ARGV[3]) > 0 and redis.call('ZCARD', KEYS[3]) >= tonumber(ARGV[3]) then return -1 end
+redis.call('RPUSH', KEYS[1], ARGV[1])
+redis.call('ZADD', KEYS[3], 'NX', tonumber(ARGV[6]), ARGV[7])
+if redis.call('SET', KEYS[2], ARGV[4], 'NX', 'PX', ARGV[5]) then return 1 end
+return 0
+"""
+
+# KEYS: queue, lease. ARGV: instance, lease ms
+_ACQUIRE = """
+if redis.call('LLEN', KEYS[1]) == 0 then return 0 end
+if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end
+return 0
+"""
+
+# KEYS: queue, lease. ARGV: instance, lease ms. Returns {held, head}
+_HEAD = """
+if redis.call('GET', KEYS[2]) ~= ARGV[1] then return {0, false} end
+redis.call('PEXPIRE', KEYS[2], ARGV[2])
+return {1, redis.call('LINDEX', KEYS[1], 0)}
+"""
+
+# KEYS: queue, lease. ARGV: instance
+_POP = """
+if redis.call('GET', KEYS[2]) == ARGV[1] then redis.call('LPOP', KEYS[1]) end
+return 1
+"""
+
+# KEYS: queue, lease, queued zset. ARGV: instance, call key, empty-only (1) or pause (0)
+_RELEASE = """
+if ARGV[3] == '1' then
+  if redis.call('LLEN', KEYS[1]) > 0 then return 0 end
+  redis.call('ZREM', KEYS[3], ARGV[2])
+end
+if redis.call('GET', KEYS[2]) == ARGV[1] then redis.call('DEL', KEYS[2]) end
+return 1
+"""
+
+QUEUE_LEASE_MS = 10_000   # a holder that died is replaced after this (the sweep takes over its queues)
+
+
+class RedisQueues:
+    """``CallQueues`` in Redis: any instance may push a call's messages; one at a time drains them."""
+
+    def __init__(self, store: "RedisStore", instance: str):
+        self.store, self.instance = store, instance
+        self._scripts = {name: store.redis.register_script(src) for name, src in (
+            ("push", _PUSH), ("acquire", _ACQUIRE), ("head", _HEAD), ("pop", _POP), ("release", _RELEASE))}
+
+    def _keys(self, key: str) -> list[str]:
+        return [self.store.k("q", key), self.store.k("lease", key), self.store.k("queued")]
+
+    async def push(self, key: str, item: dict, *, limit: int, max_keys: int = 0) -> tuple[bool, bool]:
+        code = int(await self.store._do(self._scripts["push"](keys=self._keys(key), args=[
+            json.dumps(item, default=str), limit, max_keys, self.instance, QUEUE_LEASE_MS, time.time(), key])))
+        return code >= 0, code == 1
+
+    async def acquire(self, key: str) -> bool:
+        return bool(await self.store._do(self._scripts["acquire"](
+            keys=self._keys(key)[:2], args=[self.instance, QUEUE_LEASE_MS])))
+
+    async def head(self, key: str) -> tuple[bool, dict | None]:
+        held, raw = await self.store._do(self._scripts["head"](keys=self._keys(key)[:2],
+                                                               args=[self.instance, QUEUE_LEASE_MS]))
+        return bool(held), (json.loads(raw) if raw else None)
+
+    async def pop(self, key: str) -> None:
+        await self.store._do(self._scripts["pop"](keys=self._keys(key)[:2], args=[self.instance]))
+
+    async def finish(self, key: str) -> bool:
+        return bool(await self.store._do(self._scripts["release"](keys=self._keys(key), args=[self.instance, key, 1])))
+
+    async def pause(self, key: str) -> None:
+        await self.store._do(self._scripts["release"](keys=self._keys(key), args=[self.instance, key, 0]))
+
+    async def drop(self, key: str) -> int:
+        queue, lease, queued = self._keys(key)
+        async with self.store.redis.pipeline(transaction=True) as pipe:
+            pipe.llen(queue).delete(queue, lease).zrem(queued, key)
+            count, _, _ = await self.store._do(pipe.execute())
+        return int(count)
+
+    async def pending(self, older_than_s: float) -> list[str]:
+        return list(await self.store._do(self.store.redis.zrangebyscore(
+            self.store.k("queued"), "-inf", time.time() - older_than_s)))
 
 
 class RedisStore:
@@ -258,6 +351,29 @@ class RedisStore:
                     await pubsub.aclose()
                 except Exception:
                     pass
+
+    def call_queues(self, instance: str) -> RedisQueues:
+        return RedisQueues(self, instance)
+
+    async def follow(self, after_seq: int, block_ms: int = 500) -> AsyncIterator[Event | None]:
+        """The event log after ``after_seq``, then live, from every instance (XREAD BLOCK); None after
+        each quiet ``block_ms``. Ends only when closed; Redis outages are waited out."""
+        last = f"{after_seq}-0"
+        while True:
+            try:
+                replies = await self.redis.xread({self.k("events"): last}, count=500, block=block_ms)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                await asyncio.sleep(0.5)
+                replies = None
+            if not replies:
+                yield None
+                continue
+            for _stream, entries in replies:
+                for entry_id, fields in entries:
+                    last = entry_id
+                    yield Event.from_dict({**json.loads(fields["e"]), "seq": int(entry_id.split("-")[0])})
 
     async def heartbeat(self, instance: str, ttl: float) -> None:
         await self._do(self.redis.set(self.k("instance", instance), str(time.time()), px=int(ttl * 1000)))
