@@ -161,3 +161,90 @@ def test_open_store_urls(tmp_path):
     from twivapi_cli.errors import ConfigError
     with pytest.raises(ConfigError, match="TWIVAPI_STORE"):
         open_store("mysql://x")
+
+
+# --- the per-call queue contract (store/queues.py), local and Redis --------------------------------
+@pytest.fixture(params=["local", pytest.param("redis", marks=pytest.mark.redis)])
+async def queues(request):
+    from twivapi_cli.store.queues import LocalQueues
+    if request.param == "local":
+        yield lambda name: LocalQueues() if name == "a" else None
+        return
+    if not redis_available():
+        pytest.skip("no Redis server on 127.0.0.1:6379 (scripts/ensure-redis.sh starts one)")
+    from twivapi_cli.store.redis import RedisStore
+    s = RedisStore("redis://127.0.0.1:6379/0", prefix=f"twivapi-test:{uuid.uuid4().hex[:8]}:")
+    await s.open()
+    yield s.call_queues   # one handle per instance name, all on one store
+    await s.delete_all()
+    await s.close()
+
+
+async def test_queue_one_holder_drains_in_order(queues):
+    q = queues("a")
+    assert await q.push("CA1", {"n": 1}, limit=10) == (True, True)     # first push takes the lease
+    assert await q.push("CA1", {"n": 2}, limit=10) == (True, False)    # the holder will see it
+    assert not await q.acquire("CA1")
+    seen = []
+    while True:
+        held, item = await q.head("CA1")
+        assert held
+        if item is None:
+            if await q.finish("CA1"):
+                break
+            continue
+        seen.append(item["n"])
+        await q.pop("CA1")
+        if item["n"] == 1:
+            assert await q.push("CA1", {"n": 3}, limit=10) == (True, False)   # pushed mid-drain
+    assert seen == [1, 2, 3]
+    assert await q.push("CA1", {"n": 4}, limit=10) == (True, True)      # empty again: a new lease
+
+
+async def test_queue_finish_keeps_the_lease_while_items_remain(queues):
+    q = queues("a")
+    await q.push("CA1", {"n": 1}, limit=10)
+    assert not await q.finish("CA1")
+    await q.pop("CA1")
+    assert await q.finish("CA1")
+
+
+async def test_queue_pause_parks_and_acquire_resumes(queues):
+    q = queues("a")
+    await q.push("CA1", {"n": 1}, limit=10)
+    await q.pause("CA1")
+    assert (await q.head("CA1"))[0] is False          # nobody holds it now
+    assert await q.pending(0.0) == ["CA1"]
+    assert await q.acquire("CA1") and not await q.acquire("CA1")
+    assert await q.drop("CA1") == 1
+    assert await q.pending(0.0) == [] and not await q.acquire("CA1")
+
+
+async def test_queue_limits(queues):
+    q = queues("a")
+    assert (await q.push("CA1", {"n": 1}, limit=1))[0]
+    assert await q.push("CA1", {"n": 2}, limit=1) == (False, False)     # per-call bound
+    assert await q.push("CA2", {"n": 1}, limit=5, max_keys=1) == (False, False)   # queued calls bound
+
+
+@pytest.mark.redis
+@pytest.mark.skipif(not redis_available(), reason="no Redis on 127.0.0.1:6379 (scripts/ensure-redis.sh)")
+async def test_queue_lease_is_per_instance():
+    from twivapi_cli.store.redis import RedisStore
+    store = RedisStore("redis://127.0.0.1:6379/0", prefix=f"twivapi-test:{uuid.uuid4().hex[:8]}:")
+    await store.open()
+    try:
+        await _two_instances_share_one_queue(store.call_queues("a"), store.call_queues("b"))
+    finally:
+        await store.delete_all()
+        await store.close()
+
+
+async def _two_instances_share_one_queue(a, b):
+    assert await a.push("CA1", {"n": 1}, limit=10) == (True, True)
+    assert await b.push("CA1", {"n": 2}, limit=10) == (True, False)     # B queues behind A's lease
+    assert (await b.head("CA1"))[0] is False                            # and may not drain it
+    await b.pop("CA1")                                                   # ...nor pop from it
+    assert (await a.head("CA1")) == (True, {"n": 1})
+    await a.pause("CA1")
+    assert await b.acquire("CA1") and (await b.head("CA1")) == (True, {"n": 1})
