@@ -84,10 +84,21 @@ def webhook_rows(quick: bool) -> list[dict]:
                              "errors": sum(r["errors"] + r["non2xx"] for r in results),
                              "answered": sum(r["total"] for r in results)})
                 if "Redis" in name:
-                    subprocess.run(["redis-cli", "--scan", "--pattern", prefix + "*"], capture_output=True)
+                    _forget(prefix)
         finally:
             vapi.terminate()
     return rows
+
+
+def _forget(prefix: str) -> None:
+    """Delete the run's keys from the shared Redis."""
+    from twivapi_cli.store.redis import RedisStore
+
+    async def go():
+        store = RedisStore("redis://127.0.0.1:6379/0", prefix=prefix)
+        await store.delete_all()
+        await store.close()
+    asyncio.run(go())
 
 
 def bargein_rows(quick: bool) -> list[dict]:
@@ -133,6 +144,7 @@ def bargein_rows(quick: bool) -> list[dict]:
             latencies.append((received[n] - sent) * 1000)
     for server in servers:
         server.stop()
+    _forget(prefix)
     latencies.sort()
     return [{"figure": "barge-in webhook on B -> listener on A", "n": len(latencies),
              "p50_ms": round(latencies[len(latencies) // 2], 2), "p99_ms": round(latencies[int(len(latencies) * .99)], 2)}]
