@@ -172,3 +172,22 @@ def test_sessions_that_never_end_expire_by_ttl(bridge):
     expired = bridge.server.run(lambda: registry.sweep(now=time.time() + 5 * 3600))
     assert expired >= 1
     assert bridge.session(sid).state == CallState.ENDED and bridge.session(sid).ended_reason == "expired-ttl"
+
+
+def test_a_redelivered_message_is_acknowledged_but_applied_once(bridge):
+    sid, vapi_id = ready_call(bridge)
+    got: list[str] = []
+
+    async def listener(kind, data):
+        got.append(kind)
+
+    bridge.server.run(lambda: _listen(bridge, sid, listener))
+    message = {"type": "user-interrupted", "turnId": "t1", "timestamp": 1724000001000, "call": {"id": vapi_id}}
+    assert bridge.vapi(message).status_code == 200
+    assert bridge.vapi(message).status_code == 200          # Vapi's backoffPlan retry: the same body
+    assert bridge.vapi({**message, "turnId": "t2"}).status_code == 200   # a new message
+    wait_for(lambda: len(got) == 2)
+    time.sleep(0.1)
+    assert got == ["interrupt", "interrupt"]
+    duplicates = [e for e in bridge.events(sid) if e.type == "vapi.duplicate"]
+    assert len(duplicates) == 1 and duplicates[0].data["type"] == "user-interrupted"

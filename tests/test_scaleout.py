@@ -391,3 +391,21 @@ def test_an_instance_killed_mid_call_its_calls_end_with_the_reason_and_the_other
             if proc.poll() is None:
                 proc.send_signal(signal.SIGKILL)
                 proc.wait(5)
+
+
+def test_a_vapi_retry_on_the_other_instance_is_applied_once(sims, prefix):
+    a_ctx, b_ctx = two_bridges(sims, prefix, sims.assistant())
+    with a_ctx as a, b_ctx as b:
+        sid, vapi_id = _ready_call(a)
+        heard: list[str] = []
+
+        async def listener(kind, data):
+            heard.append(kind)
+
+        _listen(a, sid, listener)
+        message = {"type": "user-interrupted", "turnId": "t1", "timestamp": 1724000001000,
+                   "call": {"id": vapi_id, "phoneCallProviderId": sid}}
+        assert a.vapi(message).status_code == 200 and b.vapi(message).status_code == 200
+        settle(lambda: "vapi.duplicate" in [e.type for e in a.events(sid)])
+        time.sleep(0.1)
+        assert heard == ["interrupt"]

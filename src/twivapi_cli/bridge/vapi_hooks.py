@@ -8,6 +8,7 @@ it does (the seed's race), within bounds.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import time
@@ -21,6 +22,7 @@ from ..models import CallState
 from .http import HttpError, read_body
 
 log = logging.getLogger("twivapi.bridge")
+DUPLICATE_TTL = 3600.0   # seconds a delivered message is remembered (Vapi's retries come within seconds)
 
 # Every ServerMessage type in the spec (reference/vapi.md §2.2) plus enum-only names.
 KNOWN_TYPES = frozenset({
@@ -81,11 +83,23 @@ async def webhook(request: Request) -> Response:
     event = await app.recorder.record(f"vapi.{kind}", call_sid, received_at=received, vapi_call_id=vapi_id,
                                       **_summary(message))
     reply = await _answer(request, kind, message)
-    await app.recorder.mark(event, acked=True)
     if reply is None:
-        await _dispatch(request, message, call_sid, vapi_id, event)
         reply = {}
+        if await _first_delivery(app.store, body):
+            await _dispatch(request, message, call_sid, vapi_id, event)
+        else:
+            session = await _session_for(app.store, message)
+            await app.recorder.record("vapi.duplicate", session.call_sid if session else call_sid, type=kind,
+                                      of=event.seq)
+            await app.recorder.mark_processed(event.seq)
+    await app.recorder.mark(event, acked=True)
     return JSONResponse(reply)
+
+
+async def _first_delivery(store, body: bytes) -> bool:
+    """Vapi retries a message (``server.backoffPlan``) with the same body: its digest is the
+    message's idempotency key. Requests (tool calls...) are answered again rather than remembered."""
+    return await store.claim("vapi:" + hashlib.sha256(body).hexdigest()[:32], DUPLICATE_TTL)
 
 
 async def _answer(request: Request, kind: str, message: dict) -> dict | None:
