@@ -88,3 +88,32 @@ def running_bridge(settings: Settings, store, *, public_from_server: bool = Fals
     finally:
         bridge.http.close()
         server.stop()
+
+
+def free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_serve(env: dict, port: int, *args: str, timeout: float = 15):
+    """A real `twivapi serve` process on 127.0.0.1:``port``, returned once /health answers 200."""
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+    twivapi = str(Path(sys.executable).with_name("twivapi"))
+    proc = subprocess.Popen([twivapi, "serve", "--port", str(port), "--log-level", "warning", *args], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError("serve did not start: " + (proc.stderr.read() or "")[-2000:])
+        time.sleep(0.1)

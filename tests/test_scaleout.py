@@ -7,9 +7,7 @@ import asyncio
 import os
 import shutil
 import signal
-import socket
 import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -27,7 +25,8 @@ from twivapi_cli.sim.twilio_caller import CallerPlan, SimulatedCaller
 from twivapi_cli.store.redis import RedisStore
 
 from .sims import running_sims
-from .support import PUBLIC, TOKEN, VAPI_KEY, VAPI_SECRET, bridge_settings, new_call_sid, running_bridge
+from .support import (TOKEN, VAPI_KEY, VAPI_SECRET, bridge_settings, free_port, new_call_sid, running_bridge,
+                      start_serve)
 from .test_store import redis_available
 
 pytestmark = [pytest.mark.redis,
@@ -150,15 +149,9 @@ def test_calls_of_a_lost_instance_are_ended_with_the_reason(sims, prefix):
         assert not [s for s in a.server.run(lambda: a.app.state.store.active_sessions()) if s.call_sid == sid]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server not installed")
 def test_redis_down_gives_503_quickly_and_the_bridge_recovers(sims, tmp_path):
-    port = _free_port()
+    port = free_port()
     settings = bridge_settings(sims.url, VAPI_ASSISTANT_ID=sims.assistant())
 
     def start_redis():
@@ -312,31 +305,16 @@ def test_tail_against_either_instance_shows_one_merged_live_view(sims, prefix):
         assert [e["seq"] for e in seen] == sorted(e["seq"] for e in seen)
 
 
-def _free_port_pair() -> tuple[int, int]:
-    return _free_port(), _free_port()
-
-
 def _serve(port: int, prefix: str, sims, public: str, state: Path) -> subprocess.Popen:
     env = {**os.environ, "TWILIO_AUTH_TOKEN": TOKEN, "VAPI_API_KEY": VAPI_KEY, "VAPI_WEBHOOK_SECRET": VAPI_SECRET,
            "VAPI_ASSISTANT_ID": sims.assistant(greeting_ms=30000), "VAPI_BASE_URL": sims.url,
            "TWIVAPI_PUBLIC_URL": public, "TWIVAPI_STORE": URL, "TWIVAPI_REDIS_PREFIX": prefix,
            "TWIVAPI_STATE_DIR": str(state)}
-    twivapi = str(Path(sys.executable).with_name("twivapi"))
-    proc = subprocess.Popen([twivapi, "serve", "--port", str(port), "--log-level", "warning"], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 15
-    while True:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            pass
-        assert proc.poll() is None and time.monotonic() < deadline, "serve did not start"
-        time.sleep(0.1)
+    return start_serve(env, port)
 
 
 def test_an_instance_killed_mid_call_its_calls_end_with_the_reason_and_the_other_answers(sims, prefix, tmp_path):
-    port_a, port_b = _free_port_pair()
+    port_a, port_b = (free_port(), free_port())
     url_a, url_b = f"http://127.0.0.1:{port_a}", f"http://127.0.0.1:{port_b}"
     proc_a = _serve(port_a, prefix, sims, url_a, tmp_path / "a")
     proc_b = _serve(port_b, prefix, sims, url_b, tmp_path / "b")

@@ -112,6 +112,10 @@ def create_app(settings: Settings, store: Store, vapi: Any, *, tools: ToolRegist
     async def lifespan(app: Starlette):
         await store.open()
         registry.start()
+        try:
+            await registry.recover()
+        except StoreError as exc:   # serve anyway: /health says the store is down
+            log.warning("could not recover the previous run's sessions: %s", exc)
         app.state.started = time.monotonic()
         try:
             yield

@@ -70,6 +70,34 @@ class CallRegistry:
             self._tasks.append(asyncio.create_task(self._relay_signals(), name="signals"))
             self._tasks.append(asyncio.create_task(self._heartbeat(), name="heartbeat"))
 
+    async def recover(self) -> dict[str, int]:
+        """After a restart of a single bridge (SIGKILL, crash): every live session in the store was
+        left by the previous process. A call whose media socket was open cannot be resumed (Twilio's
+        socket died with the process): it is ended. One caught mid-setup (stream mode's background
+        setup, or bypass mode's webhook, which was never answered) is failed: its POST /call may or
+        may not have gone out. A stream-mode call still ringing gets its setup queued again, one that
+        was ready waits for its media socket as before, and a native-mode call needs nothing from
+        us: they resume."""
+        outcome = {"resumed": 0, "ended": 0}
+        if self.shared:
+            return outcome   # the other instances' sweep owns a lost instance's calls (heartbeats)
+        for session in await self.store.active_sessions():
+            sid = session.call_sid
+            if session.stream_sid:
+                ended = await self.end(sid, "bridge-restarted")
+            elif session.state == CallState.SETTING_UP or (session.state == CallState.RINGING
+                                                            and session.mode == "bypass"):
+                ended = await self.move(sid, CallState.FAILED, reason="bridge-restarted-during-setup") is not None
+            elif session.state == CallState.RINGING and session.mode == "stream":
+                ended = not self.request_setup(sid) and await self.move(
+                    sid, CallState.FAILED, reason="overloaded") is not None
+            else:
+                ended = False
+            outcome["ended" if ended else "resumed"] += 1
+        if any(outcome.values()):
+            await self.recorder.record("bridge.recovered", None, **outcome)
+        return outcome
+
     async def stop(self) -> None:
         tasks = self._tasks + list(self._drains)
         for task in tasks:
