@@ -150,8 +150,88 @@ def bargein_rows(quick: bool) -> list[dict]:
              "p50_ms": round(latencies[len(latencies) // 2], 2), "p99_ms": round(latencies[int(len(latencies) * .99)], 2)}]
 
 
+def bargein_media_rows(quick: bool) -> list[dict]:
+    """Real calls through two `twivapi serve` processes on Redis: the caller's media socket on A,
+    the barge-in webhook on B; from B's webhook sent to the `clear` arriving at the caller (callers
+    and simulators in this process, one clock)."""
+    from common import free_port, pct, wait_http
+    from twivapi_cli.sim.server import start_sims
+    from twivapi_cli.sim.state import SimCredentials, SimState
+    from twivapi_cli.sim.twilio_caller import CallerPlan, SimulatedCaller
+    import httpx
+
+    creds = SimCredentials(auth_token="bench-token", vapi_api_key="bench-key", vapi_webhook_secret="bench-secret")
+    prefix = f"bench-{uuid.uuid4().hex[:6]}:"
+    calls, at_once = (30, 5) if quick else (100, 10)
+    latencies: list[float] = []
+    twivapi = str(Path(sys.executable).with_name("twivapi"))
+    with start_sims(SimState(credentials=creds)) as sims, tempfile.TemporaryDirectory() as tmp:
+        assistant = httpx.post(sims.vapi_url + "/assistant", headers={"Authorization": "Bearer bench-key"}, json={
+            "name": "bench", "model": {"provider": "openai", "model": "gpt-4o"},
+            "metadata": {"simulator": {"greeting_ms": 8000}}}).json()["id"]
+        ports = [free_port(), free_port()]
+        procs = [subprocess.Popen([twivapi, "serve", "--port", str(port), "--log-level", "warning"], env={
+            **os.environ, "TWILIO_AUTH_TOKEN": "bench-token", "VAPI_API_KEY": "bench-key",
+            "VAPI_WEBHOOK_SECRET": "bench-secret", "VAPI_ASSISTANT_ID": assistant, "VAPI_BASE_URL": sims.vapi_url,
+            "TWIVAPI_PUBLIC_URL": f"http://127.0.0.1:{port}", "TWIVAPI_STORE": "redis://127.0.0.1:6379/0",
+            "TWIVAPI_REDIS_PREFIX": prefix, "TWIVAPI_STATE_DIR": f"{tmp}/{port}"},
+            stderr=subprocess.DEVNULL) for port in ports]
+        a, b = (f"http://127.0.0.1:{port}" for port in ports)
+
+        async def one(http: httpx.AsyncClient) -> None:
+            caller = SimulatedCaller("bench-token")
+            sid = "CA" + uuid.uuid4().hex
+            sent: list[float] = []
+
+            async def interrupt() -> None:
+                await asyncio.sleep(1.0)   # the greeting is playing
+                body = json.dumps({"message": {"type": "user-interrupted", "turnId": "t",
+                                               "call": {"phoneCallProviderId": sid}}}).encode()
+                sent.append(time.monotonic())
+                await http.post(b + "/vapi/webhook", content=body, headers=signing.sign_vapi("bench-secret", body))
+            try:
+                result, _ = await asyncio.gather(
+                    caller.call(a + "/twilio/voice", plan=CallerPlan(hangup_after_s=1.6), call_sid=sid), interrupt())
+            finally:
+                await caller.aclose()
+            if result.clears and sent:
+                latencies.append((result.clears[0] - sent[0]) * 1000)
+
+        async def all_calls() -> None:
+            async with httpx.AsyncClient() as http:
+                for _ in range(calls // at_once):
+                    await asyncio.gather(*(one(http) for _ in range(at_once)))
+        try:
+            for url in (a, b):
+                wait_http(url + "/health")
+            asyncio.run(all_calls())
+            inside = asyncio.run(_webhook_to_clear_ms(prefix))
+        finally:
+            for proc in procs:
+                proc.terminate()
+                proc.wait(10)
+            _forget(prefix)
+    return [{"figure": f"barge-in webhook on B -> clear at the caller on A ({at_once} calls at once)",
+             "n": f"{len(latencies)}/{calls}", "p50_ms": pct(latencies, 0.5), "p99_ms": pct(latencies, 0.99)},
+            {"figure": "  of which: webhook received on B -> clear sent on A (the bridges' own stamps)",
+             "n": f"{len(inside)}/{calls}", "p50_ms": pct(inside, 0.5), "p99_ms": pct(inside, 0.99)}]
+
+
+async def _webhook_to_clear_ms(prefix: str) -> list[float]:
+    """From the shared event log: each call's barge-in webhook (on B) to its media.clear (on A)."""
+    from twivapi_cli.store.redis import RedisStore
+    store = RedisStore("redis://127.0.0.1:6379/0", prefix=prefix)
+    try:
+        events = await store.events(0, limit=1_000_000)
+    finally:
+        await store.close()
+    received = {e.call_sid: e.received_at for e in events if e.type == "vapi.user-interrupted"}
+    return [(e.received_at - received[e.call_sid]) * 1000 for e in events
+            if e.type == "media.clear" and e.call_sid in received]
+
+
 def run(quick: bool = False) -> list[dict]:
-    return webhook_rows(quick) + bargein_rows(quick)
+    return webhook_rows(quick) + bargein_rows(quick) + bargein_media_rows(quick)
 
 
 if __name__ == "__main__":
