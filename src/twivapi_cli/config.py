@@ -8,8 +8,10 @@ printed in a traceback or put in an error without leaking anything.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
+import threading
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -25,6 +27,7 @@ class Secret:
 
     def __init__(self, value: str):
         self._value = value
+        _redact_in_logs(value)
 
     def reveal(self) -> str:
         return self._value
@@ -42,6 +45,51 @@ class Secret:
 
     def __hash__(self) -> int:
         return hash(self._value)
+
+
+# Every Secret's value is scrubbed from log records as they are made, whoever logs them: websockets
+# and uvicorn print request headers (Authorization: Bearer <VAPI_API_KEY>) at debug level, pyngrok
+# logs ngrok's own error lines (which can quote the authtoken) through whatever handler is there.
+_REDACT_MIN = 8                  # shorter values would scrub ordinary words; real secrets are longer
+_redacted: tuple[str, ...] = ()  # longest first; replaced whole, so a reader never sees it change
+_redact_lock = threading.Lock()
+
+
+def _redact_in_logs(value: object) -> None:
+    global _redacted
+    if not isinstance(value, str) or len(value) < _REDACT_MIN or value in _redacted:
+        return
+    with _redact_lock:
+        if not _redacted:
+            logging.setLogRecordFactory(_redacting_factory(logging.getLogRecordFactory()))
+        _redacted = tuple(sorted({*_redacted, value}, key=len, reverse=True))
+
+
+def _scrub(text: str, values: tuple[str, ...]) -> str | None:
+    """``text`` with every value replaced by ***, or None when it holds none of them."""
+    if not any(value in text for value in values):
+        return None
+    for value in values:
+        text = text.replace(value, "***")
+    return text
+
+
+def _redacting_factory(previous: Callable[..., logging.LogRecord]) -> Callable[..., logging.LogRecord]:
+    def factory(*args: Any, **kwargs: Any) -> logging.LogRecord:
+        record = previous(*args, **kwargs)
+        values = _redacted
+        try:
+            message = _scrub(record.getMessage(), values)
+            if message is not None:
+                record.msg, record.args = message, ()
+            if record.exc_info:
+                text = _scrub(logging.Formatter().formatException(record.exc_info), values)
+                if text is not None:
+                    record.exc_text = text
+        except Exception:   # a record that cannot be formatted is left to logging's own error path
+            pass
+        return record
+    return factory
 
 
 MODES = ("stream", "bypass", "native")
