@@ -200,3 +200,9 @@ def test_recording_scrubs_secrets(tmp_path):
     fixture = fx.load(tmp_path / f"{sid}.json")
     assert [s.kind for s in fixture.steps] == ["twilio", "vapi"]
     assert fixture.steps[0].params["CallSid"] == "{{call_sid}}"
+
+
+def test_stream_urls_change_only_their_scheme():
+    from twivapi_cli.replay import _websocket_url
+    assert _websocket_url("https://http-8080-abc.ngrok.app") == "wss://http-8080-abc.ngrok.app"
+    assert _websocket_url("http://127.0.0.1:8080") == "ws://127.0.0.1:8080"

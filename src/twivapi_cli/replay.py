@@ -339,8 +339,9 @@ class Runner:
             url = step.url or variables.get("stream_url")
             if not url:
                 return media, ["no stream URL: capture one from the voice TwiML or give url"]
-            if url.startswith(self.public.replace("https", "wss").replace("http", "ws")):
-                sign_url, url = url, self.target.replace("http", "ws", 1) + url[len(self.public.replace("http", "ws", 1)):]
+            public_ws = _websocket_url(self.public)
+            if url.startswith(public_ws):   # the public stream URL, reached through the target
+                sign_url, url = url, _websocket_url(self.target) + url[len(public_ws):]
             else:
                 sign_url = url
             headers = {"X-Twilio-Signature": signing.twilio_signature(self.creds.twilio_auth_token or "", sign_url, {})}
@@ -499,3 +500,10 @@ class InProcess:
                             vapi_phone_number_id=self._phone_number_id() if fixture.mode == "bypass" else None)
         app = create_app(settings, MemoryStore(), VapiClient(self.sims.vapi_url, creds.vapi_api_key))
         return start_in_thread(app, sock=sock), public
+
+
+def _websocket_url(http_url: str) -> str:
+    """http://host -> ws://host, https://host -> wss://host; only the scheme changes (a host such
+    as ngrok's http-8080-....app keeps its name)."""
+    scheme, sep, rest = http_url.partition("://")
+    return {"http": "ws", "https": "wss"}.get(scheme, scheme) + sep + rest
