@@ -43,7 +43,8 @@ Listener = Callable[[str, dict], Awaitable[None]]
 class Processor(Protocol):
     """What the registry applies queued messages with (``bridge/vapi_hooks.py``)."""
     async def known(self, item: dict) -> bool: ...
-    async def apply(self, item: dict) -> None: ...
+    async def apply(self, item: dict) -> bool:
+        """Apply the message to its call; False (nothing done) when the call is not known yet."""
 
 
 class CallRegistry:
@@ -259,7 +260,14 @@ class CallRegistry:
                     if await self.queues.finish(key):
                         return
                     continue
-                if not await self.processor.known(item):
+                try:
+                    applied = await self.processor.apply(item)
+                except TwivapiError:
+                    raise
+                except Exception:
+                    log.exception("processing a message for %s failed", key)
+                    applied = True   # a bad message must not block the call's queue
+                if not applied:   # its session does not exist (yet)
                     if expire_unknown:
                         dropped = await self.queues.drop(key)
                         self.recorder.count("parked.expired", dropped)
@@ -270,12 +278,6 @@ class CallRegistry:
                     if await self.processor.known(item) and await self.queues.acquire(key):
                         continue
                     return
-                try:
-                    await self.processor.apply(item)
-                except TwivapiError:
-                    raise
-                except Exception:
-                    log.exception("processing a message for %s failed", key)
                 await self.queues.pop(key)
         except TwivapiError as exc:   # store down: the lease expires, the sweep drains it later
             log.warning("draining messages of %s stopped: %s", key, exc)

@@ -154,16 +154,17 @@ class MessageProcessor:
     async def known(self, item: dict) -> bool:
         return await _session_for(self.app.store, item["message"]) is not None
 
-    async def apply(self, item: dict) -> None:
-        await process(self.app, item["message"])
+    async def apply(self, item: dict) -> bool:
+        session = await _session_for(self.app.store, item["message"])
+        if session is None:
+            return False
+        await process(self.app, item["message"], session)
         await self.app.recorder.mark_processed(item["seq"])
+        return True
 
 
-async def process(app, message: dict) -> None:
-    """Apply one message to its call (runs on the call's queue, one at a time)."""
-    session = await _session_for(app.store, message)
-    if session is None:
-        return
+async def process(app, message: dict, session) -> None:
+    """Apply one message to its call's session (on the call's queue, one at a time)."""
     kind = message["type"]
     sid = session.call_sid
     if kind == "status-update":
