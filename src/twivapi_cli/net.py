@@ -6,21 +6,32 @@
 - The async client is httpx's API on aiohttp's transport: httpcore's pool checks every pooled
   connection on every request, which at replay's concurrency cost 3.6 ms of CPU per request
   (measured: 275 requests/s); aiohttp's connector does not.
+- One TLS context for every async client: httpx builds one per client otherwise (~18 ms of CPU,
+  loading the CA bundle), and the simulated assistant makes a client per call; at 100 concurrent
+  call starts that serialized the simulator's loop for ~2 s (tests/test_soak.py found it).
 """
 
 from __future__ import annotations
 
+import functools
 import socket
+import ssl
 
 import httpx
 
 NODELAY = [(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)]
 
 
+@functools.cache
+def tls_context() -> ssl.SSLContext:
+    return httpx.create_ssl_context()   # what httpx would build for each client: certifi's CA bundle
+
+
 def async_client(**options) -> httpx.AsyncClient:
     from httpx_aiohttp import HttpxAiohttpClient
 
     limits = options.pop("limits", httpx.Limits(max_connections=100, max_keepalive_connections=100))
+    options.setdefault("verify", tls_context())
     return HttpxAiohttpClient(limits=limits, **options)
 
 
