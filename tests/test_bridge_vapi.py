@@ -153,7 +153,7 @@ def test_parked_messages_expire(bridge):
     sid = new_call_sid()
     bridge.vapi({"type": "hang", "call": {"phoneCallProviderId": sid}})
     registry = bridge.app.state.registry
-    assert registry.stats()["parked_calls"] == 1
+    wait_for(lambda: registry.stats()["parked_calls"] == 1)   # its drain found no session and paused
     import twivapi_cli.bridge.sessions as sessions
     original = sessions.PARK_TTL, sessions.STALE_QUEUE_S
     sessions.PARK_TTL = sessions.STALE_QUEUE_S = 0.0

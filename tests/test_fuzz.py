@@ -7,7 +7,6 @@ error shape, and the bridge keeps serving a real call afterwards.
 from __future__ import annotations
 
 import json
-import os
 import time
 
 import httpx
@@ -22,8 +21,8 @@ from .sims import running_sims
 from .support import PUBLIC, TOKEN, VAPI_SECRET, bridge_settings, new_call_sid, running_bridge
 
 ROUTES = ["/twilio/voice", "/twilio/status", "/twilio/after-stream", "/vapi/webhook"]
-# per property; the slow suite (scripts/test-slow) raises it to thousands per property
-EXAMPLES = int(os.environ.get("TWIVAPI_FUZZ_EXAMPLES", "120"))
+EXAMPLES = 120          # cases per property in the normal run
+SLOW_EXAMPLES = 2_000   # and in the slow part (./scripts/test-slow), as <name>_many
 
 
 @pytest.fixture(scope="module")
@@ -51,11 +50,19 @@ form_values = st.dictionaries(st.sampled_from(["CallSid", "CallStatus", "From", 
 json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | text,
                            lambda children: st.lists(children, max_size=4)
                            | st.dictionaries(text, children, max_size=4), max_leaves=12)
-fuzz = settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 
-@fuzz
-@given(route=st.sampled_from(ROUTES), body=st.binary(max_size=600),
+def fuzzed(**strategies):
+    """The property at EXAMPLES cases, and a slow-marked copy ``<name>_many`` at SLOW_EXAMPLES."""
+    def both(body):
+        options = dict(deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+        globals()[body.__name__ + "_many"] = pytest.mark.slow(
+            settings(max_examples=SLOW_EXAMPLES, **options)(given(**strategies)(body)))
+        return settings(max_examples=EXAMPLES, **options)(given(**strategies)(body))
+    return both
+
+
+@fuzzed(route=st.sampled_from(ROUTES), body=st.binary(max_size=600),
        content_type=st.sampled_from(["application/x-www-form-urlencoded", "application/json", "text/plain", "",
                                      "multipart/form-data; boundary=x"]),
        signature=st.none() | header_text)
@@ -66,15 +73,13 @@ def test_random_bytes_never_5xx(bridge, route, body, content_type, signature):
     check(bridge.client.post(route, content=body, headers=headers))
 
 
-@fuzz
-@given(route=st.sampled_from(ROUTES[:3]), params=form_values)
+@fuzzed(route=st.sampled_from(ROUTES[:3]), params=form_values)
 def test_correctly_signed_random_forms_never_5xx(bridge, route, params):
     sig = signing.twilio_signature(TOKEN, PUBLIC + route, params)
     check(bridge.client.post(route, data=params, headers={"X-Twilio-Signature": sig}))
 
 
-@fuzz
-@given(payload=json_values | st.fixed_dictionaries({"message": json_values}) |
+@fuzzed(payload=json_values | st.fixed_dictionaries({"message": json_values}) |
        st.fixed_dictionaries({"message": st.fixed_dictionaries(
            {"type": st.sampled_from(["status-update", "speech-update", "tool-calls", "end-of-call-report",
                                      "assistant-request", "user-interrupted", "transcript"])},
@@ -85,14 +90,12 @@ def test_authenticated_random_vapi_messages_never_5xx(bridge, payload):
     check(bridge.client.post("/vapi/webhook", content=body, headers=signing.sign_vapi(VAPI_SECRET, body)))
 
 
-@fuzz
-@given(body=st.binary(min_size=1, max_size=300))
+@fuzzed(body=st.binary(min_size=1, max_size=300))
 def test_invalid_utf8_and_json_from_an_authenticated_sender(bridge, body):
     check(bridge.client.post("/vapi/webhook", content=body, headers=signing.sign_vapi(VAPI_SECRET, body)))
 
 
-@fuzz
-@given(method=st.sampled_from(["GET", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "HEAD"]),
+@fuzzed(method=st.sampled_from(["GET", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "HEAD"]),
        path=st.sampled_from(ROUTES + ["/health", "/twilio/media", "/", "/admin", "/events", "/metrics"])
        | st.text(alphabet="abcdefghijklmnopqrstuvwxyz/%.-_~0123456789", max_size=30).map(lambda p: "/" + p),
        headers=st.dictionaries(st.sampled_from(["content-type", "x-twilio-signature", "x-vapi-secret",
@@ -114,8 +117,7 @@ def _signed_voice_body() -> tuple[bytes, str]:
     return body, signing.twilio_signature(TOKEN, PUBLIC + "/twilio/voice", params)
 
 
-@fuzz
-@given(data=st.data())
+@fuzzed(data=st.data())
 def test_mutated_signed_webhooks_are_refused_cleanly(bridge, data):
     body, signature = _signed_voice_body()
     position = data.draw(st.integers(0, len(body) - 1))
@@ -151,3 +153,8 @@ def test_bridge_still_serves_calls_after_the_fuzzing(bridge):
     while bridge.session(sid).state != CallState.READY and time.monotonic() < deadline:
         time.sleep(0.02)
     assert bridge.session(sid).state == CallState.READY
+
+
+@pytest.mark.slow
+def test_bridge_still_serves_calls_after_the_long_fuzzing(bridge):
+    test_bridge_still_serves_calls_after_the_fuzzing(bridge)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 import uuid
 
 import pytest
@@ -248,3 +249,41 @@ async def _two_instances_share_one_queue(a, b):
     assert (await a.head("CA1")) == (True, {"n": 1})
     await a.pause("CA1")
     assert await b.acquire("CA1") and (await b.head("CA1")) == (True, {"n": 1})
+
+
+async def test_prune_forgets_ended_sessions_and_expired_claims_from_memory(tmp_path):
+    store = SQLiteStore(tmp_path / "p.db")
+    await store.open()
+    await store.create_session(Session("CA-live", "stream"))
+    await store.create_session(Session("CA-over", "stream"))
+    await store.update_session("CA-over", vapi_call_id="v-over", stream_sid="MZ-over")
+    await store.transition("CA-over", CallState.ENDED, reason="done")
+    assert await store.claim("short", 0.001) and await store.claim("long", 60)
+    await asyncio.sleep(0.01)
+    assert await store.prune(ended_before=time.time() - 3600) == 0     # ended too recently: kept
+    assert await store.prune(ended_before=time.time() + 1) == 1
+    assert await store.get_session("CA-over") is None and await store.get_session("CA-live") is not None
+    assert await store.find_session(vapi_call_id="v-over") is None
+    assert set(store._claims) == {"long"}
+    await store.close()
+    import sqlite3
+    row = sqlite3.connect(tmp_path / "p.db").execute("SELECT state FROM sessions WHERE call_sid='CA-over'").fetchone()
+    assert row == ("ended",)   # still on disk
+
+
+@pytest.mark.redis
+@pytest.mark.skipif(not redis_available(), reason="no Redis on 127.0.0.1:6379 (scripts/ensure-redis.sh)")
+async def test_redis_ended_sessions_expire():
+    from twivapi_cli.store.redis import ENDED_KEPT_S, RedisStore
+    store = RedisStore("redis://127.0.0.1:6379/0", prefix=f"twivapi-test:{uuid.uuid4().hex[:8]}:")
+    await store.open()
+    try:
+        await store.create_session(Session("CA1", "stream"))
+        assert await store.redis.pttl(store.k("s", "CA1")) == -1          # live: no expiry
+        await store.transition("CA1", CallState.ENDED, reason="done")
+        ttl = await store.redis.pttl(store.k("s", "CA1"))
+        assert 0 < ttl <= ENDED_KEPT_S * 1000
+        assert (await store.get_session("CA1")).ended_reason == "done"
+    finally:
+        await store.delete_all()
+        await store.close()

@@ -33,6 +33,7 @@ PARK_CALLS = 5_000          # unknown calls parked at once
 PARK_TTL = 30.0             # seconds a parked message waits for its session
 READY_POLL_S = 0.25         # a media socket re-reads its session this often while waiting for Vapi
 QUEUE_LIMIT = 10_000        # messages queued for one known call
+ENDED_KEPT_S = 3600.0       # an ended call stays in memory this long (late webhooks still find it)
 STALE_QUEUE_S = 2.0         # a queue non-empty this long may have lost its drainer: the sweep tries it
 SWEEP_INTERVAL = 5.0
 HEARTBEAT_TTL = 6.0         # an instance whose heartbeat is older than this is gone; its calls end
@@ -125,6 +126,8 @@ class CallRegistry:
         await self.recorder.record("state", call_sid, state=to.value, reason=reason)
         if to in (CallState.READY, CallState.ACTIVE) or to.terminal:
             self._ready_event(call_sid).set()
+            if to.terminal:   # waiters hold the event; nothing will wait on this call again
+                self._ready.pop(call_sid, None)
             if self.shared:   # a media socket waiting on another instance
                 await self.signal(call_sid, "ready", {"state": to.value})
         return session
@@ -217,7 +220,6 @@ class CallRegistry:
     async def wait_ready(self, call_sid: str, timeout: float) -> Session | None:
         """The session once its Vapi call exists (or it ended); None on timeout."""
         deadline = time.monotonic() + timeout
-        event = self._ready_event(call_sid)
         while True:
             session = await self.store.get_session(call_sid)
             if session is not None and session.state not in (CallState.RINGING, CallState.SETTING_UP):
@@ -226,7 +228,7 @@ class CallRegistry:
             if left <= 0:
                 return None
             try:   # woken by our own move or another instance's "ready"; the poll is the backstop
-                await asyncio.wait_for(event.wait(), min(left, READY_POLL_S))
+                await asyncio.wait_for(self._ready_event(call_sid).wait(), min(left, READY_POLL_S))
             except asyncio.TimeoutError:
                 pass
 
@@ -372,6 +374,8 @@ class CallRegistry:
         if hasattr(self.store, "alive"):
             expired += await self._end_orphans()
         await self._drain_stale_queues()
+        if hasattr(self.store, "prune"):   # one process's memory: forget calls over for a while
+            await self.store.prune(time.time() - ENDED_KEPT_S)
         return expired
 
     async def _drain_stale_queues(self) -> None:

@@ -108,10 +108,24 @@ class MemoryStore:
         if expires is not None and expires > now:
             return False
         self._claims[key] = now + ttl
-        if len(self._claims) > 100_000:
-            self._claims = {k: v for k, v in self._claims.items() if v > now}
         await self._persist("claim", (key, now + ttl))
         return True
+
+    # --- forgetting -------------------------------------------------------------------------------
+    async def prune(self, ended_before: float) -> int:
+        """Drop from memory the sessions that ended before ``ended_before`` (late webhooks for them
+        have stopped coming) and the claims that expired. Durable stores keep them on disk; returns
+        the sessions dropped."""
+        now = time.time()
+        self._claims = {k: v for k, v in self._claims.items() if v > now}
+        gone = [s for s in self._sessions.values() if s.state.terminal and s.updated_at < ended_before]
+        for session in gone:
+            del self._sessions[session.call_sid]
+            if session.vapi_call_id and self._by_vapi.get(session.vapi_call_id) == session.call_sid:
+                del self._by_vapi[session.vapi_call_id]
+            if session.stream_sid and self._by_stream.get(session.stream_sid) == session.call_sid:
+                del self._by_stream[session.stream_sid]
+        return len(gone)
 
     # --- event log ------------------------------------------------------------------------------
     async def append(self, event: Event) -> int:

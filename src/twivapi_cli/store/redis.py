@@ -28,11 +28,12 @@ from ..errors import StoreError
 from ..models import ALLOWED, CallState, Event, IllegalTransition, Session
 
 EVENT_RETENTION = 1_000_000
+ENDED_KEPT_S = 24 * 3600.0   # an ended session's key expires after this (the event log keeps its history)
 TIMEOUT_S = 1.0
 
 _ALLOWED_JSON = json.dumps({s.value: sorted(t.value for t in targets) for s, targets in ALLOWED.items()})
 
-# KEYS: session, active zset. ARGV: to-state, reason, now, allowed-table JSON
+# KEYS: session, active zset. ARGV: to-state, reason, now, allowed-table JSON, ms an ended session is kept
 _TRANSITION = """
 local raw = redis.call('GET', KEYS[1])
 if not raw then return {-1, ''} end
@@ -43,14 +44,16 @@ for _, v in ipairs(allowed) do if v == ARGV[1] then ok = true end end
 if not ok then return {0, s['state']} end
 s['state'] = ARGV[1]
 s['updated_at'] = tonumber(ARGV[3])
+local out = cjson.encode(s)
 if (ARGV[1] == 'ended' or ARGV[1] == 'failed') then
   if ARGV[2] ~= '' then s['ended_reason'] = ARGV[2] end
+  out = cjson.encode(s)
   redis.call('ZREM', KEYS[2], s['call_sid'])
+  redis.call('SET', KEYS[1], out, 'PX', ARGV[5])
 else
   redis.call('ZADD', KEYS[2], tonumber(ARGV[3]), s['call_sid'])
+  redis.call('SET', KEYS[1], out)
 end
-local out = cjson.encode(s)
-redis.call('SET', KEYS[1], out)
 return {1, out}
 """
 
@@ -266,7 +269,8 @@ class RedisStore:
 
     async def transition(self, call_sid: str, to: CallState, *, reason: str | None = None) -> Session:
         code, payload = await self._do(self._scripts["transition"](
-            keys=[self.k("s", call_sid), self.k("active")], args=[to.value, reason or "", time.time(), _ALLOWED_JSON]))
+            keys=[self.k("s", call_sid), self.k("active")],
+            args=[to.value, reason or "", time.time(), _ALLOWED_JSON, int(ENDED_KEPT_S * 1000)]))
         if int(code) == -1:
             raise KeyError(call_sid)
         if int(code) == 0:
