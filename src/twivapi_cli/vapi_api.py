@@ -8,6 +8,7 @@ base URL, never by patching. NestJS-style error bodies (``message`` str or list,
 from __future__ import annotations
 
 import ssl
+from xml.etree import ElementTree
 from typing import Any
 
 import httpx
@@ -31,6 +32,21 @@ def _error_text(response: httpx.Response) -> str:
             message = "; ".join(str(m) for m in message)
         return f"HTTP {response.status_code}: {message}"
     return f"HTTP {response.status_code}"
+
+
+def _with_id(call: Any) -> dict:
+    """A created call must be an object with a string id (anything else: an error, never a crash)."""
+    if not isinstance(call, dict) or not isinstance(call.get("id"), str) or not call["id"]:
+        raise VapiApiError("Vapi POST /call answered without a call id")
+    return call
+
+
+def _is_twiml(text: str) -> bool:
+    try:
+        root = ElementTree.fromstring(text)
+    except ElementTree.ParseError:
+        return False
+    return root.tag == "Response"
 
 
 class VapiClient:
@@ -99,9 +115,16 @@ class VapiClient:
                 "transport": {"provider": "vapi.websocket", "audioFormat": AUDIO_FORMATS[audio_format]}}
         if metadata:  # CreateCallDTO has no top-level metadata; the assistant overrides do
             body["assistantOverrides"] = {"metadata": metadata}
-        call = await self.request("POST", "/call", json=body, timeout=timeout)
-        if not isinstance(call, dict) or not call.get("id"):
-            raise VapiApiError("Vapi POST /call answered without a call id")
+        call = _with_id(await self.request("POST", "/call", json=body, timeout=timeout))
+        transport = call.get("transport")
+        url = transport.get("websocketCallUrl") if isinstance(transport, dict) else None
+        if not isinstance(url, str) or not url.startswith(("ws://", "wss://")):
+            # a call we cannot connect to: end it (if we can say how), never leave it running
+            try:
+                await self.end_call(call)
+            except VapiApiError:
+                pass
+            raise VapiApiError("Vapi POST /call answered without a transport.websocketCallUrl")
         return call
 
     async def create_bypass_call(self, assistant_id: str, phone_number_id: str, customer_number: str, *,
@@ -110,10 +133,17 @@ class VapiClient:
                 "phoneCallProviderBypassEnabled": True, "customer": {"number": customer_number}}
         if metadata:
             body["assistantOverrides"] = {"metadata": metadata}
-        call = await self.request("POST", "/call", json=body, timeout=timeout)
-        twiml = (call or {}).get("phoneCallProviderDetails", {}).get("twiml") if isinstance(call, dict) else None
-        if not twiml:
-            raise VapiApiError("Vapi POST /call (bypass) answered without phoneCallProviderDetails.twiml")
+        call = _with_id(await self.request("POST", "/call", json=body, timeout=timeout))
+        details = call.get("phoneCallProviderDetails")
+        twiml = details.get("twiml") if isinstance(details, dict) else None
+        if not isinstance(twiml, str) or not _is_twiml(twiml):
+            # Twilio would tell the caller "an application error has occurred": end it, say why
+            try:
+                await self.end_call(call)
+            except VapiApiError:
+                pass
+            raise VapiApiError("Vapi POST /call (bypass) answered without a <Response> TwiML document "
+                               "in phoneCallProviderDetails.twiml")
         return call
 
     async def get_call(self, call_id: str) -> dict:
@@ -121,8 +151,9 @@ class VapiClient:
 
     async def end_call(self, call: dict) -> None:
         """End a live call through Live Call Control (never DELETE /call: that erases data)."""
-        control_url = (call.get("monitor") or {}).get("controlUrl")
-        if not control_url:
+        monitor = call.get("monitor")
+        control_url = monitor.get("controlUrl") if isinstance(monitor, dict) else None
+        if not isinstance(control_url, str) or not control_url:
             return
         await self.request("POST", control_url, json={"type": "end-call"})
 

@@ -98,6 +98,7 @@ class MediaCall:
         self.frames_in = self.frames_out = 0
         self.bad_messages = 0
         self.closed = False
+        self.twilio_gone = False   # a send found Twilio's socket closed
         self.end_reason: str | None = None
 
     # --- main loop: Twilio -> us ----------------------------------------------------------------
@@ -121,8 +122,10 @@ class MediaCall:
         try:
             message = json.loads(text)
             event = message["event"]
-        except (ValueError, TypeError, KeyError):
+        except (ValueError, TypeError, KeyError, RecursionError):   # RecursionError: nested too deep
             return await self.bad("invalid JSON or no event")
+        if not isinstance(event, str):
+            return await self.bad("event is not a string")
         handler = {"connected": self.on_connected, "start": self.on_start, "media": self.on_media,
                    "mark": self.on_mark, "dtmf": self.on_dtmf, "stop": self.on_stop}.get(event)
         if handler is None:
@@ -134,7 +137,7 @@ class MediaCall:
                 return await self.bad("streamSid does not match this stream")
         try:
             await handler(message)
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as exc:   # Overflow: int(Infinity)
             await self.bad(f"malformed {event}: {type(exc).__name__}")
 
     async def bad(self, reason: str) -> None:
@@ -352,12 +355,14 @@ class MediaCall:
                 await self.recorder.record("media.first-audio", self.call_sid, ms=ms)
 
     async def send_twilio(self, message: dict) -> None:
-        if self.closed:
+        if self.closed or self.twilio_gone:
             return
         try:
             await self.twilio.send_text(json.dumps(message))
         except (WebSocketDisconnect, RuntimeError):
-            await self.finish("twilio-socket-closed")
+            # Twilio closed its side. What it sent before (its last audio, a stop) is still queued
+            # for run(), which reads it and then the disconnect, and ends the call: not here.
+            self.twilio_gone = True
 
     # --- the end, once --------------------------------------------------------------------------
     async def finish(self, reason: str) -> None:

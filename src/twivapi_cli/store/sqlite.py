@@ -5,6 +5,12 @@ that batches whatever is waiting into a single transaction (group commit, WAL). 
 changes state awaits its batch's commit, so an acknowledged webhook survives SIGKILL, while a
 thousand concurrent webhooks cost a handful of commits rather than a thousand. On open, live
 sessions, idempotency keys and the event sequence are loaded back from the file.
+
+A write that fails (database locked by another process, disk full) raises ``StoreError`` (the
+bridge answers 503) and is undone in memory too, so Twilio's retry of that webhook is processed as
+the first delivery it is: not as a duplicate, not as an existing session. While writes fail,
+``health()`` tries a one-row probe write, so the store reports itself healthy again as soon as
+the lock is released or space is freed, without waiting for webhooks a load balancer is withholding.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import StoreError
-from ..models import Event, Session
+from ..models import CallState, Event, Session
 from . import durable_writes
 from .memory import MemoryStore
 
@@ -34,6 +40,7 @@ CREATE TABLE IF NOT EXISTS events (seq INTEGER PRIMARY KEY, call_sid TEXT, type 
 CREATE INDEX IF NOT EXISTS events_call ON events(call_sid, seq);
 """
 BATCH_MAX = 2000
+HEALTH_PROBE_WAIT = 0.5   # seconds /health waits for a probe write while the store is failing
 _STOP = object()
 
 
@@ -48,6 +55,8 @@ class SQLiteStore(MemoryStore):
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._error: BaseException | None = None
+        self._changes: dict[str, int] = {}          # session writes per call, to undo only our own
+        self._probe: asyncio.Future | None = None
 
     # --- lifecycle ------------------------------------------------------------------------------
     async def open(self) -> None:
@@ -69,6 +78,8 @@ class SQLiteStore(MemoryStore):
             self._thread = None
 
     async def health(self) -> dict[str, Any]:
+        if self._error is not None and self._thread is not None and self._thread.is_alive():
+            await self._probe_write()
         ok = self._error is None and self._thread is not None and self._thread.is_alive()
         result: dict[str, Any] = {"store": self.name, "ok": ok}
         if self._error is not None:
@@ -97,8 +108,76 @@ class SQLiteStore(MemoryStore):
             self._events.append(Event(type=type_, call_sid=call_sid, data=json.loads(data), received_at=received,
                                       acked_at=acked, processed_at=processed, seq=seq))
 
+    async def _probe_write(self) -> None:
+        """One small write through the writer; a success clears the error. Shared by concurrent
+        health checks, waited for at most HEALTH_PROBE_WAIT (a locked file keeps it longer)."""
+        if self._probe is None or self._probe.done():
+            self._probe = self._loop.create_future()
+            self._probe.add_done_callback(lambda f: f.cancelled() or f.exception())  # retrieved
+            self._queue.put(("probe", (time.time(),), self._probe))
+        try:
+            await asyncio.wait_for(asyncio.shield(self._probe), HEALTH_PROBE_WAIT)
+        except (StoreError, asyncio.TimeoutError):
+            pass
+
+    # --- failed writes are undone in memory -------------------------------------------------------
+    async def create_session(self, session: Session) -> bool:
+        return await self._undo_on_failure(session.call_sid, super().create_session(session))
+
+    async def update_session(self, call_sid: str, **fields: Any) -> Session | None:
+        return await self._undo_on_failure(call_sid, super().update_session(call_sid, **fields))
+
+    async def transition(self, call_sid: str, to: CallState, *, reason: str | None = None) -> Session:
+        return await self._undo_on_failure(call_sid, super().transition(call_sid, to, reason=reason))
+
+    async def apply_status_sequence(self, call_sid: str, sequence: int) -> bool:
+        return await self._undo_on_failure(call_sid, super().apply_status_sequence(call_sid, sequence))
+
+    async def _undo_on_failure(self, call_sid: str, change):
+        if not durable_writes():   # queued, not awaited: a failure is never reported to this caller
+            return await change
+        current = self._sessions.get(call_sid)
+        before = None
+        if current is not None:    # a shallow copy, cheaper than dataclasses.replace on the hot path
+            before = object.__new__(Session)
+            before.__dict__.update(current.__dict__)
+        changes = self._changes.get(call_sid, 0)
+        try:
+            return await change
+        except StoreError:
+            if self._changes.get(call_sid, 0) == changes + 1:   # nobody changed it since: put it back
+                self._restore(call_sid, before)
+            raise
+
+    def _restore(self, call_sid: str, before: Session | None) -> None:
+        failed = self._sessions.pop(call_sid, None)
+        if failed is not None:
+            for index, key in ((self._by_vapi, failed.vapi_call_id), (self._by_stream, failed.stream_sid)):
+                if key and index.get(key) == call_sid:
+                    del index[key]
+        if before is not None:
+            self._sessions[call_sid] = before
+            self._index(before)
+
+    async def claim(self, key: str, ttl: float) -> bool:
+        try:
+            return await super().claim(key, ttl)
+        except StoreError:
+            self._claims.pop(key, None)   # not claimed: the retry of this request is its first delivery
+            raise
+
+    async def append(self, event: Event) -> int:
+        try:
+            return await super().append(event)
+        except StoreError:
+            if self._events and self._events[-1] is event:   # never acknowledged: not in the log
+                self._events.pop()
+            raise
+
     # --- persistence hooks ----------------------------------------------------------------------
     async def _persist(self, kind: str, payload: Any) -> None:
+        if kind == "session":
+            self._changes[payload.call_sid] = self._changes.get(payload.call_sid, 0) + 1
         if not durable_writes():
             self._queue.put((kind, self._row(kind, payload), None))
             return
@@ -146,6 +225,7 @@ class SQLiteStore(MemoryStore):
         "claim": "INSERT OR REPLACE INTO claims (key, expires_at) VALUES (?, ?)",
         "event": "INSERT INTO events (seq, call_sid, type, data, received_at, acked_at, processed_at) "
                  "VALUES (?, ?, ?, ?, ?, ?, ?)",
+        "probe": "INSERT OR REPLACE INTO claims (key, expires_at) VALUES ('twivapi:health-probe', -?)",
         "mark": "UPDATE events SET acked_at = COALESCE(?, acked_at), processed_at = COALESCE(?, processed_at) "
                 "WHERE seq = ?",
     }
