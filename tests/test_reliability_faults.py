@@ -516,6 +516,17 @@ def _on_disk(path: Path) -> tuple:
     return sessions, seqs, claims
 
 
+async def test_the_undo_bookkeeping_is_forgotten_with_the_calls(tmp_path):
+    store = SQLiteStore(tmp_path / "prune.db")
+    await store.open()
+    for sid in ("CA-old", "CA-live"):
+        await store.create_session(_session(sid))
+    await store.transition("CA-old", CallState.ENDED, reason="twilio-completed")
+    assert await store.prune(time.time() + 1) == 1
+    assert set(store._changes) == {"CA-live"}
+    await store.close()
+
+
 async def test_health_recovers_by_itself_once_the_lock_is_released(tmp_path):
     """No write after the lock: /health must still come back (a load balancer sends no webhooks
     to an instance it marked down)."""

@@ -159,6 +159,12 @@ class SQLiteStore(MemoryStore):
             self._sessions[call_sid] = before
             self._index(before)
 
+    async def prune(self, ended_before: float) -> int:
+        gone = await super().prune(ended_before)
+        if gone:   # forgotten calls: their write counters too
+            self._changes = {sid: n for sid, n in self._changes.items() if sid in self._sessions}
+        return gone
+
     async def claim(self, key: str, ttl: float) -> bool:
         try:
             return await super().claim(key, ttl)
