@@ -287,3 +287,13 @@ async def test_redis_ended_sessions_expire():
     finally:
         await store.delete_all()
         await store.close()
+
+
+async def test_sqlite_files_are_owner_only(tmp_path):
+    store = SQLiteStore(tmp_path / "state" / "owner.db")
+    await store.open()
+    await store.create_session(Session("CA1", "stream", from_number="+15551112222"))
+    modes = {f.name: f.stat().st_mode & 0o777 for f in (tmp_path / "state").iterdir()}   # while open
+    await store.close()
+    assert set(modes) >= {"owner.db", "owner.db-wal"}
+    assert set(modes.values()) == {0o600}, modes

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import queue
 import sqlite3
 import threading
@@ -63,6 +64,9 @@ class SQLiteStore(MemoryStore):
         self._loop = asyncio.get_running_loop()
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            # callers' numbers live here: owner-only; SQLite gives its -wal and -shm the same mode
+            os.close(os.open(self.path, os.O_CREAT | os.O_WRONLY, 0o600))
+            os.chmod(self.path, 0o600)
             conn = self._connect()
             self._load(conn)
         except (sqlite3.Error, OSError) as exc:
