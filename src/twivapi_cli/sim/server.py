@@ -57,6 +57,8 @@ class RunningSims:
         return client
 
     def stop(self) -> None:
+        for server in (self.twilio, self.vapi):   # both begin their shutdown at once, then we wait
+            server.server.should_exit = True
         self.twilio.stop()
         self.vapi.stop()
 
