@@ -191,3 +191,22 @@ def test_a_redelivered_message_is_acknowledged_but_applied_once(bridge):
     assert got == ["interrupt", "interrupt"]
     duplicates = [e for e in bridge.events(sid) if e.type == "vapi.duplicate"]
     assert len(duplicates) == 1 and duplicates[0].data["type"] == "user-interrupted"
+
+
+def test_a_vapi_call_that_goes_live_after_its_call_ended_is_ended(bridge, vapi):
+    """POST /call answered after our deadline: we never learnt its id, but its first status-update
+    (with its control URL) arrives for a session that already failed, and the bridge ends it."""
+    vapi.failing_calls(500)
+    sid = new_call_sid()
+    bridge.voice(sid)
+    wait_for(lambda: bridge.session(sid).state == CallState.FAILED)
+    vapi.clear_faults()
+    late = bridge.server.run(lambda: bridge.app.state.vapi.create_websocket_call(
+        vapi.assistant_id, "mulaw-8k", metadata={"twilioCallSid": sid}))
+    assert not vapi.ended(late["id"])
+    response = bridge.vapi({"type": "status-update", "status": "in-progress", "call": late})
+    assert response.status_code == 200
+    wait_for(lambda: vapi.ended(late["id"]))
+    race = [e for e in bridge.events(sid) if e.type == "race.vapi-call-after-end"]
+    assert race and race[0].data["vapi_call_id"] == late["id"]
+    assert bridge.session(sid).state == CallState.FAILED   # nothing else changed

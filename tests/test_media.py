@@ -144,3 +144,48 @@ def test_unsigned_handshake_is_refused(bridge_factory):
             with pytest.raises(websockets.InvalidStatus):
                 await websockets.connect(bridge.url.replace("http", "ws") + "/twilio/media")
         asyncio.run(go())
+
+
+class _StoreThatCanFail(MemoryStore):
+    down = False
+
+    async def get_session(self, call_sid):
+        if self.down:
+            from twivapi_cli.errors import StoreError
+            raise StoreError("store unavailable (test)")
+        return await super().get_session(call_sid)
+
+
+def test_store_down_when_the_stream_starts_closes_it_with_1011(vapi):
+    import json
+
+    import websockets
+    from twivapi_cli import signing
+    store = _StoreThatCanFail()
+    with running_bridge(local_settings(vapi, vapi.assistant()), store, public_from_server=True) as bridge:
+        sid = "CA" + "d" * 32
+        params = {"CallSid": sid, "From": "+15551112222", "To": "+15553334444", "CallStatus": "ringing"}
+        assert bridge.twilio("/twilio/voice", params, signed_url=bridge.url + "/twilio/voice").status_code == 200
+        deadline = time.monotonic() + 5
+        while bridge.session(sid).state != CallState.READY:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        store.down = True
+        url = bridge.url.replace("http", "ws", 1) + "/twilio/media"
+
+        async def stream():
+            headers = {"X-Twilio-Signature": signing.twilio_signature(TOKEN, url, {})}
+            async with websockets.connect(url, additional_headers=headers) as ws:
+                await ws.send(json.dumps({"event": "start", "streamSid": "MZ" + "d" * 32, "start": {
+                    "callSid": sid, "streamSid": "MZ" + "d" * 32,
+                    "mediaFormat": {"encoding": "audio/x-mulaw", "sampleRate": 8000, "channels": 1}}}))
+                with pytest.raises(websockets.ConnectionClosed):
+                    while True:
+                        await asyncio.wait_for(ws.recv(), 5)
+                return ws.close_code
+        assert asyncio.run(stream()) == 1011                      # closed, saying why, not hung
+        store.down = False
+        counters = bridge.app.state.recorder.counters
+        assert counters.get("media.store_error") == 1 and counters.get("media.bad_message", 0) == 0
+        again = run_call(bridge, CallerPlan(hangup_after_s=1.0))  # the bridge carries on
+        assert again.heard and not again.errors

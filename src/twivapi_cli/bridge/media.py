@@ -34,6 +34,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from .. import signing
 from ..audio import Framer, transcoders
+from ..errors import StoreError
 from ..models import CallState
 from .http import public_url_for
 
@@ -139,6 +140,18 @@ class MediaCall:
             await handler(message)
         except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as exc:   # Overflow: int(Infinity)
             await self.bad(f"malformed {event}: {type(exc).__name__}")
+        except StoreError as exc:
+            await self.store_unavailable(event, exc)
+
+    async def store_unavailable(self, event: str, exc: StoreError) -> None:
+        """The store failed under a message. A call that has not started cannot (its session is
+        unknown): close with 1011 and let Twilio go on to the after-stream webhook. One in progress
+        keeps its audio flowing: only what this message would have recorded is lost."""
+        self.recorder.count("media.store_error")
+        log.warning("media %s: store unavailable during %s: %s", self.call_sid or "(no call yet)", event, exc)
+        if self.stream_sid is None:
+            self.end_reason, self.closed = "store-unavailable", True
+            await self.twilio.close(code=1011)
 
     async def bad(self, reason: str) -> None:
         """Log, count and drop one bad message; the call stays up."""

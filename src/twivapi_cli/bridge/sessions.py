@@ -58,6 +58,7 @@ class CallRegistry:
         self.queues = store.call_queues(recorder.instance) if self.shared else LocalQueues()
         self.processor: Processor | None = None
         self._drains: set[asyncio.Task] = set()
+        self._deliveries: dict[str, asyncio.Task] = {}   # each call's latest signal delivery
         self._listeners: dict[str, set[Listener]] = {}
         self._tasks: list[asyncio.Task] = []
         self.setups_inflight = 0
@@ -101,7 +102,7 @@ class CallRegistry:
         return outcome
 
     async def stop(self) -> None:
-        tasks = self._tasks + list(self._drains)
+        tasks = self._tasks + list(self._drains) + list(self._deliveries.values())
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -328,10 +329,25 @@ class CallRegistry:
                 log.exception("listener for %s failed on %s", call_sid, kind)
 
     async def _relay_signals(self) -> None:
+        """Signals from the shared channel: in order within a call, one call never waiting on another
+        (each call's deliveries are chained on a task of their own)."""
         async for message in self.store.signals():
             call_sid = message.get("call_sid")
             if call_sid in self._listeners or call_sid in self._ready:
-                await self._deliver(call_sid, message["kind"], message.get("data") or {})
+                self._chain(call_sid, message["kind"], message.get("data") or {})
+
+    def _chain(self, call_sid: str, kind: str, data: dict) -> None:
+        before = self._deliveries.get(call_sid)
+
+        async def deliver() -> None:
+            if before is not None:
+                await asyncio.wait([before])
+            await self._deliver(call_sid, kind, data)
+
+        task = asyncio.create_task(deliver(), name=f"signal-{call_sid}")
+        self._deliveries[call_sid] = task
+        task.add_done_callback(lambda done: self._deliveries.pop(call_sid, None)
+                               if self._deliveries.get(call_sid) is done else None)
 
     async def _heartbeat(self) -> None:
         while True:

@@ -18,6 +18,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from .. import signing
+from ..errors import VapiApiError
 from ..models import CallState
 from .http import HttpError, read_body
 
@@ -145,6 +146,24 @@ async def _session_for(store, message: dict):
     return session
 
 
+async def _end_late_vapi_call(app, message: dict, session) -> bool:
+    """A Vapi call going live for a call that is already over (say its POST /call answered after
+    our deadline, so we never learnt its id): end it rather than leave it running. True if so."""
+    call = message.get("call") or {}
+    if message["type"] != "status-update" or message.get("status") not in ("queued", "ringing", "in-progress"):
+        return False
+    if not isinstance(call.get("monitor"), dict) or not call["monitor"].get("controlUrl"):
+        return False
+    await app.recorder.record("race.vapi-call-after-end", session.call_sid, vapi_call_id=call.get("id"),
+                              state=session.state.value)
+    try:
+        await app.vapi.end_call(call)
+    except VapiApiError as exc:
+        if exc.status not in (400, 404):   # 400/404: it had ended already
+            await app.recorder.record("vapi.end-failed", session.call_sid, error=str(exc))
+    return True
+
+
 class MessageProcessor:
     """Applies queued messages for the call registry: one at a time per call, in order."""
 
@@ -167,6 +186,8 @@ async def process(app, message: dict, session) -> None:
     """Apply one message to its call's session (on the call's queue, one at a time)."""
     kind = message["type"]
     sid = session.call_sid
+    if session.state.terminal and await _end_late_vapi_call(app, message, session):
+        return
     if kind == "status-update":
         status = message.get("status")
         if status == "in-progress" and session.state in (CallState.READY, CallState.SETTING_UP):
