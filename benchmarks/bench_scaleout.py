@@ -205,7 +205,7 @@ def bargein_media_rows(quick: bool) -> list[dict]:
             for url in (a, b):
                 wait_http(url + "/health")
             asyncio.run(all_calls())
-            inside = asyncio.run(_webhook_to_clear_ms(prefix))
+            stages = asyncio.run(_bargein_stages_ms(prefix))
         finally:
             for proc in procs:
                 proc.terminate()
@@ -213,21 +213,29 @@ def bargein_media_rows(quick: bool) -> list[dict]:
             _forget(prefix)
     return [{"figure": f"barge-in webhook on B -> clear at the caller on A ({at_once} calls at once)",
              "n": f"{len(latencies)}/{calls}", "p50_ms": pct(latencies, 0.5), "p99_ms": pct(latencies, 0.99)},
-            {"figure": "  of which: webhook received on B -> clear sent on A (the bridges' own stamps)",
-             "n": f"{len(inside)}/{calls}", "p50_ms": pct(inside, 0.5), "p99_ms": pct(inside, 0.99)}]
+            *({"figure": f"  of which: {stage} (the bridges' own stamps)", "n": f"{len(values)}/{calls}",
+               "p50_ms": pct(values, 0.5), "p99_ms": pct(values, 0.99)} for stage, values in stages.items())]
 
 
-async def _webhook_to_clear_ms(prefix: str) -> list[float]:
-    """From the shared event log: each call's barge-in webhook (on B) to its media.clear (on A)."""
+async def _bargein_stages_ms(prefix: str) -> dict[str, list[float]]:
+    """From the shared event log: each call's barge-in webhook on B (received, acknowledged; its
+    signal is published on arrival) to its media.clear on A."""
     from twivapi_cli.store.redis import RedisStore
     store = RedisStore("redis://127.0.0.1:6379/0", prefix=prefix)
     try:
         events = await store.events(0, limit=1_000_000)
     finally:
         await store.close()
-    received = {e.call_sid: e.received_at for e in events if e.type == "vapi.user-interrupted"}
-    return [(e.received_at - received[e.call_sid]) * 1000 for e in events
-            if e.type == "media.clear" and e.call_sid in received]
+    hooks = {e.call_sid: e for e in events if e.type == "vapi.user-interrupted"}
+    clears = {e.call_sid: e.received_at for e in events if e.type == "media.clear" and e.call_sid in hooks}
+    stages: dict[str, list[float]] = {"webhook received on B -> clear sent on A": [],
+                                      "received -> acknowledged on B": []}
+    for sid, cleared in clears.items():
+        hook = hooks[sid]
+        stages["webhook received on B -> clear sent on A"].append((cleared - hook.received_at) * 1000)
+        if hook.acked_at:
+            stages["received -> acknowledged on B"].append((hook.acked_at - hook.received_at) * 1000)
+    return stages
 
 
 def run(quick: bool = False) -> list[dict]:

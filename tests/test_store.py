@@ -297,3 +297,15 @@ async def test_sqlite_files_are_owner_only(tmp_path):
     await store.close()
     assert set(modes) >= {"owner.db", "owner.db-wal"}
     assert set(modes.values()) == {0o600}, modes
+
+
+async def test_queue_advance_pops_and_hands_back_the_lease_when_empty(queues):
+    q = queues("a")
+    await q.push("CA1", {"n": 1}, limit=10)
+    await q.push("CA1", {"n": 2}, limit=10)
+    assert await q.head("CA1") == (True, {"n": 1})
+    assert await q.advance("CA1") == (True, {"n": 2})
+    assert await q.advance("CA1") == (True, None)             # empty: the lease is given back...
+    assert (await q.head("CA1"))[0] is False
+    assert await q.pending(0.0) == []
+    assert await q.push("CA1", {"n": 3}, limit=10) == (True, True)   # ...so the next push takes it

@@ -255,13 +255,12 @@ class CallRegistry:
     async def _drain(self, key: str, expire_unknown: bool = False) -> None:
         """Apply the call's queued messages in order while we hold its lease."""
         try:
-            while True:
-                held, item = await self.queues.head(key)
-                if not held:
-                    return   # our lease ran out and another instance took over
-                if item is None:
+            held, item = await self.queues.head(key)
+            while held:
+                if item is None:   # emptied meanwhile: give the lease back, unless more arrived
                     if await self.queues.finish(key):
                         return
+                    held, item = await self.queues.head(key)
                     continue
                 try:
                     applied = await self.processor.apply(item)
@@ -279,9 +278,12 @@ class CallRegistry:
                     await self.queues.pause(key)
                     # its session may have appeared while we held the lease (release() could not take it)
                     if await self.processor.known(item) and await self.queues.acquire(key):
+                        held, item = await self.queues.head(key)
                         continue
                     return
-                await self.queues.pop(key)
+                held, item = await self.queues.advance(key)
+                if item is None:
+                    return   # empty: advance gave the lease back (or we had lost it)
         except TwivapiError as exc:   # store down: the lease expires, the sweep drains it later
             log.warning("draining messages of %s stopped: %s", key, exc)
 

@@ -81,12 +81,17 @@ async def webhook(request: Request) -> Response:
     message = parse_message(body)
     kind = message["type"]
     call_sid, vapi_id = call_ids(message)
+    first = None
+    if _is_barge_in(message):   # urgent: stale audio must stop now, not after the call's queue
+        first = await _first_delivery(app.store, body)
+        if first:
+            await _interrupt_now(app, message, call_sid, vapi_id, received)
     event = await app.recorder.record(f"vapi.{kind}", call_sid, received_at=received, vapi_call_id=vapi_id,
                                       **_summary(message))
     reply = await _answer(request, kind, message)
     if reply is None:
         reply = {}
-        if await _first_delivery(app.store, body):
+        if first if first is not None else await _first_delivery(app.store, body):
             await _dispatch(request, message, call_sid, vapi_id, event)
         else:
             session = await _session_for(app.store, message)
@@ -95,6 +100,22 @@ async def webhook(request: Request) -> Response:
             await app.recorder.mark_processed(event.seq)
     await app.recorder.mark(event, acked=True)
     return JSONResponse(reply)
+
+
+def _is_barge_in(message: dict) -> bool:
+    return message["type"] == "user-interrupted" or (
+        message["type"] == "speech-update" and message.get("role") == "user" and message.get("status") == "started")
+
+
+async def _interrupt_now(app, message: dict, call_sid: str | None, vapi_id: str | None, received: float) -> None:
+    """Barge-in skips the call's queue: the media socket (here or on another instance) clears at
+    once. Safe out of order: an interruption only drops what is queued to play."""
+    if call_sid is None and vapi_id:
+        session = await app.store.find_session(vapi_call_id=vapi_id)
+        call_sid = session.call_sid if session else None
+    if call_sid:
+        await app.registry.signal(call_sid, "interrupt", {"source": "webhook", "type": message["type"],
+                                                          "turn": message.get("turn"), "at": received})
 
 
 async def _first_delivery(store, body: bytes) -> bool:
@@ -199,10 +220,8 @@ async def process(app, message: dict, session) -> None:
         await app.recorder.record("vapi.report", sid, ended_reason=message.get("endedReason"),
                                   turn_latency_avg=metrics.get("turnLatencyAverage"))
         await app.registry.end(sid, str(message.get("endedReason") or "end-of-call-report"))
-    elif kind == "user-interrupted" or (kind == "speech-update" and message.get("role") == "user"
-                                         and message.get("status") == "started"):
-        await app.registry.signal(sid, "interrupt", {"source": "webhook", "type": kind,
-                                                     "turn": message.get("turn"), "at": time.time()})
+    elif _is_barge_in(message):
+        pass   # signalled on arrival (_interrupt_now)
     elif kind == "speech-update":
         await app.registry.signal(sid, "speech", {"role": message.get("role"), "status": message.get("status"),
                                                   "turn": message.get("turn"), "source": "webhook",

@@ -7,11 +7,12 @@ were acknowledged, by whichever process holds the call's lease.
 
 The drain loop that uses them lives in ``bridge/sessions.py``; it is the same for both:
 
-    push(item) -> got the lease?  yes: drain        drain: head -> apply -> pop ... until finish()
+    push(item) -> got the lease?  yes: drain        drain: head -> apply -> advance -> apply ... until empty
     head is for a call we don't know yet: pause()    (parked; release() or the sweep drains it later)
 
-``finish`` gives the lease back only if the queue is empty, in one step, so an item pushed while the
-holder was busy is never stranded: its pusher failed to take the lease, so the holder sees it.
+``advance`` (and ``finish``) give the lease back only if the queue is empty, in one step, so an item
+pushed while the holder was busy is never stranded: its pusher failed to take the lease, so the
+holder sees it.
 Delivery is at least once: an item is popped after it was applied, so a holder that dies between
 the two leaves it for the next holder (applying a message twice is harmless: transitions are guarded).
 """
@@ -32,6 +33,9 @@ class CallQueues(Protocol):
     async def head(self, key: str) -> tuple[bool, dict | None]:
         """(still the holder, first item or None); renews the lease."""
     async def pop(self, key: str) -> None: ...
+    async def advance(self, key: str) -> tuple[bool, dict | None]:
+        """Pop the applied head; (still the holder, next item), or (True, None) once the queue is
+        empty, the lease then given back in the same step."""
     async def finish(self, key: str) -> bool:
         """Give the lease back if the queue is empty (True); False: more to do, keep draining."""
     async def pause(self, key: str) -> None:
@@ -79,6 +83,16 @@ class LocalQueues:
         queue = self._queues.get(key)
         if queue:
             queue.popleft()
+
+    async def advance(self, key: str) -> tuple[bool, dict | None]:
+        if key not in self._held:
+            return False, None
+        await self.pop(key)
+        queue = self._queues.get(key)
+        if queue:
+            return True, queue[0]
+        await self.finish(key)
+        return True, None
 
     async def finish(self, key: str) -> bool:
         if self._queues.get(key):

@@ -6,7 +6,8 @@ Keys, under a prefix (``TWIVAPI_REDIS_PREFIX``, default ``twivapi:``):
     s:<CallSid>        the session, JSON        vapi:<id> / stream:<sid>  -> CallSid
     active             zset CallSid -> updated  claim:<key>  idempotency keys (SET NX PX: they expire)
     seq                the event counter        events       a Stream; entry id = "<seq>-0"
-    marks              hash seq -> ack/processed times        instance:<id>  heartbeat (TTL)
+    marks:<bucket>     hash "<seq>a"/"<seq>p" -> ack/processed time, 100,000 events a bucket, kept 7 days
+    instance:<id>      heartbeat (TTL)
     signal             pub/sub channel for interruptions, ends and readiness (every instance hears it)
     q:<call>           a call's queued Vapi messages (list)     lease:<call>  who drains it (TTL)
     queued             zset call -> when its queue became non-empty
@@ -28,6 +29,8 @@ from ..errors import StoreError
 from ..models import ALLOWED, CallState, Event, IllegalTransition, Session
 
 EVENT_RETENTION = 1_000_000
+MARKS_PER_BUCKET = 100_000
+MARKS_KEPT_S = 7 * 24 * 3600
 ENDED_KEPT_S = 24 * 3600.0   # an ended session's key expires after this (the event log keeps its history)
 TIMEOUT_S = 1.0
 
@@ -76,6 +79,13 @@ return seq
 """
 
 
+# KEYS: marks bucket. ARGV: seconds kept, field, time[, field, time]
+_MARK = """
+redis.call('HSET', KEYS[1], unpack(ARGV, 2))
+redis.call('EXPIRE', KEYS[1], ARGV[1])
+return 1
+"""
+
 # Per-call queues (store/queues.py explains the protocol). KEYS: queue, lease, queued zset.
 # ARGV: item, limit, max_keys, instance, lease ms, now, call key
 _PUSH = """
@@ -108,6 +118,21 @@ if redis.call('GET', KEYS[2]) == ARGV[1] then redis.call('LPOP', KEYS[1]) end
 return 1
 """
 
+# KEYS: queue, lease, queued zset. ARGV: instance, lease ms, call key. Pop the head we applied, then
+# return the next one (renewing the lease) or, if none, give the lease back. Returns {held, next}
+_ADVANCE = """
+if redis.call('GET', KEYS[2]) ~= ARGV[1] then return {0, false} end
+redis.call('LPOP', KEYS[1])
+local nxt = redis.call('LINDEX', KEYS[1], 0)
+if nxt then
+  redis.call('PEXPIRE', KEYS[2], ARGV[2])
+  return {1, nxt}
+end
+redis.call('ZREM', KEYS[3], ARGV[3])
+redis.call('DEL', KEYS[2])
+return {1, false}
+"""
+
 # KEYS: queue, lease, queued zset. ARGV: instance, call key, empty-only (1) or pause (0)
 _RELEASE = """
 if ARGV[3] == '1' then
@@ -127,7 +152,8 @@ class RedisQueues:
     def __init__(self, store: "RedisStore", instance: str):
         self.store, self.instance = store, instance
         self._scripts = {name: store.redis.register_script(src) for name, src in (
-            ("push", _PUSH), ("acquire", _ACQUIRE), ("head", _HEAD), ("pop", _POP), ("release", _RELEASE))}
+            ("push", _PUSH), ("acquire", _ACQUIRE), ("head", _HEAD), ("pop", _POP), ("release", _RELEASE),
+            ("advance", _ADVANCE))}
 
     def _keys(self, key: str) -> list[str]:
         return [self.store.k("q", key), self.store.k("lease", key), self.store.k("queued")]
@@ -148,6 +174,11 @@ class RedisQueues:
 
     async def pop(self, key: str) -> None:
         await self.store._do(self._scripts["pop"](keys=self._keys(key)[:2], args=[self.instance]))
+
+    async def advance(self, key: str) -> tuple[bool, dict | None]:
+        held, raw = await self.store._do(self._scripts["advance"](keys=self._keys(key),
+                                                                  args=[self.instance, QUEUE_LEASE_MS, key]))
+        return bool(held), (json.loads(raw) if raw else None)
 
     async def finish(self, key: str) -> bool:
         return bool(await self.store._do(self._scripts["release"](keys=self._keys(key), args=[self.instance, key, 1])))
@@ -197,7 +228,8 @@ class RedisStore:
     # --- lifecycle ------------------------------------------------------------------------------
     async def open(self) -> None:
         self._scripts = {name: self.redis.register_script(src) for name, src in
-                         (("transition", _TRANSITION), ("sequence", _SEQUENCE), ("append", _APPEND))}
+                         (("transition", _TRANSITION), ("sequence", _SEQUENCE), ("append", _APPEND),
+                          ("mark", _MARK))}
         try:
             await self._do(self.redis.ping())
         except StoreError:
@@ -308,27 +340,40 @@ class RedisStore:
             entries = await self._do(self.redis.xrange(self.k("events"), min=start, count=1000))
             if not entries:
                 break
-            marks = await self._do(self.redis.hmget(self.k("marks"), [i.split("-")[0] for i, _ in entries]))
-            for (entry_id, fields), mark in zip(entries, marks):
+            marks = await self._marks([int(i.split("-")[0]) for i, _ in entries])
+            for entry_id, fields in entries:
                 data = json.loads(fields["e"])
                 seq = int(entry_id.split("-")[0])
                 if call_sid is None or data.get("call_sid") == call_sid:
-                    if mark:
-                        acked, processed = json.loads(mark)
-                        data["acked_at"] = acked or data.get("acked_at")
-                        data["processed_at"] = processed or data.get("processed_at")
+                    acked, processed = marks.get(seq, (None, None))
+                    data["acked_at"] = acked or data.get("acked_at")
+                    data["processed_at"] = processed or data.get("processed_at")
                     out.append(Event.from_dict({**data, "seq": seq}))
                     if len(out) >= limit:
                         break
             start = f"{int(entries[-1][0].split('-')[0]) + 1}-0"
         return out
 
+    def _bucket(self, seq: int) -> str:
+        return self.k("marks", str(seq // MARKS_PER_BUCKET))
+
+    async def _marks(self, seqs: list[int]) -> dict[int, tuple[float | None, float | None]]:
+        out: dict[int, tuple[float | None, float | None]] = {}
+        for bucket in sorted({seq // MARKS_PER_BUCKET for seq in seqs}):
+            mine = [seq for seq in seqs if seq // MARKS_PER_BUCKET == bucket]
+            fields = [f"{seq}{kind}" for seq in mine for kind in "ap"]
+            values = await self._do(self.redis.hmget(self._bucket(mine[0]), fields))
+            for i, seq in enumerate(mine):
+                acked, processed = values[2 * i], values[2 * i + 1]
+                out[seq] = (float(acked) if acked else None, float(processed) if processed else None)
+        return out
+
     async def mark(self, seq: int, *, acked_at: float | None = None, processed_at: float | None = None) -> None:
-        key, field = self.k("marks"), str(seq)
-        try:
-            old = await self.redis.hget(key, field)
-            acked, processed = json.loads(old) if old else (None, None)
-            await self.redis.hset(key, field, json.dumps([acked_at or acked, processed_at or processed]))
+        pairs = [f for f in ((f"{seq}a", acked_at), (f"{seq}p", processed_at)) if f[1]]
+        if not pairs:
+            return
+        try:   # one round trip, no read: each time is a field of its own
+            await self._scripts["mark"](keys=[self._bucket(seq)], args=[MARKS_KEPT_S, *(x for f in pairs for x in f)])
         except Exception:   # best effort: a mark never fails a webhook
             pass
 
