@@ -1,8 +1,9 @@
 """Two bridge instances on Redis vs one on SQLite (signed voice webhooks at concurrency 50, same run),
 and cross-instance barge-in: a `user-interrupted` webhook on instance B reaching the media listener
-on instance A.
+on instance A, and real calls (media socket on A, barge-in webhook on B) timed to the `clear` at the
+caller, with the bridges' own stamps beside it.
 
-Needs node + npm for the load (autocannon, like bench_webhooks) and Redis on 127.0.0.1:6379.
+Needs node + npm for the webhook load (autocannon, like bench_webhooks) and Redis on 127.0.0.1:6379.
 """
 
 from __future__ import annotations
