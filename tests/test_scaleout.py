@@ -218,7 +218,6 @@ def test_one_calls_messages_are_applied_in_order_across_instances(sims, prefix):
             assert response.status_code == 200
         settle(lambda: len(heard) == 40, timeout=10)
         assert heard == list(range(40))
-        updates = [e for e in a.events(sid) if e.type == "vapi.speech-update"]
         settle(lambda: all(e.processed_at for e in a.events(sid) if e.type == "vapi.speech-update"))
         updates = [e for e in a.events(sid) if e.type == "vapi.speech-update"]
         processed = [e.processed_at for e in updates]
