@@ -323,6 +323,8 @@ class CallRegistry:
         if kind == "ready":
             if call_sid in self._ready:
                 self._ready[call_sid].set()
+                if data.get("state") in (CallState.ENDED.value, CallState.FAILED.value):
+                    del self._ready[call_sid]   # ended on another instance: nothing waits here again
             return
         for listener in list(self._listeners.get(call_sid, ())):
             try:
