@@ -117,3 +117,22 @@ def start_serve(env: dict, port: int, *args: str, timeout: float = 15):
             proc.kill()
             raise AssertionError("serve did not start: " + (proc.stderr.read() or "")[-2000:])
         time.sleep(0.1)
+
+
+async def dial(bridge_url: str, plan=None, *, status_callback: bool = True, faults=None, **options):
+    """One simulated call to the bridge at ``bridge_url``: its signed voice webhook, the stream the
+    TwiML names, and (``status_callback``) Twilio's status callbacks to the same bridge."""
+    from twivapi_cli.sim.twilio_caller import SimulatedCaller
+    caller = SimulatedCaller(TOKEN, faults=faults)
+    try:
+        return await caller.call(bridge_url + "/twilio/voice", plan=plan,
+                                 status_callback=bridge_url + "/twilio/status" if status_callback else None,
+                                 **options)
+    finally:
+        await caller.aclose()
+
+
+def place_call(bridge_url: str, plan=None, **options):
+    """``dial`` from synchronous test code."""
+    import asyncio
+    return asyncio.run(dial(bridge_url, plan, **options))

@@ -3,18 +3,17 @@ reordered, delayed or dropped. Each with the outcome the bridge must reach."""
 
 from __future__ import annotations
 
-import asyncio
 import time
 
 import pytest
 
 from twivapi_cli import audio
 from twivapi_cli.models import CallState
-from twivapi_cli.sim.twilio_caller import CallerPlan, SimulatedCaller
+from twivapi_cli.sim.twilio_caller import CallerPlan
 from twivapi_cli.store.memory import MemoryStore
 
 from .sims import running_sims
-from .support import TOKEN, bridge_settings, running_bridge
+from .support import bridge_settings, place_call, running_bridge
 
 
 @pytest.fixture(scope="module")
@@ -35,14 +34,7 @@ def bridge(sims):
 
 
 def call(bridge, sims, plan: CallerPlan):
-    async def go():
-        caller = SimulatedCaller(TOKEN, faults=sims.running.twilio_faults)
-        try:
-            return await caller.call(bridge.url + "/twilio/voice", plan=plan,
-                                     status_callback=bridge.url + "/twilio/status")
-        finally:
-            await caller.aclose()
-    return asyncio.run(go())
+    return place_call(bridge.url, plan, faults=sims.running.twilio_faults)
 
 
 def types(bridge, call_sid):

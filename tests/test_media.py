@@ -3,18 +3,17 @@
 from __future__ import annotations
 
 import asyncio
-import math
 import time
 
 import pytest
 
 from twivapi_cli import audio
 from twivapi_cli.models import CallState
-from twivapi_cli.sim.twilio_caller import CallerPlan, SimulatedCaller
+from twivapi_cli.sim.twilio_caller import CallerPlan
 from twivapi_cli.store.memory import MemoryStore
 
 from .sims import running_sims
-from .support import TOKEN, bridge_settings, running_bridge
+from .support import TOKEN, bridge_settings, place_call, running_bridge
 
 
 @pytest.fixture(scope="module")
@@ -29,14 +28,7 @@ def public_bridge(bridge) -> str:
 
 
 def run_call(bridge, plan: CallerPlan, **kwargs):
-    async def go():
-        caller = SimulatedCaller(TOKEN)
-        try:
-            return await caller.call(bridge.url + "/twilio/voice", plan=plan,
-                                     status_callback=bridge.url + "/twilio/status", **kwargs)
-        finally:
-            await caller.aclose()
-    return asyncio.run(go())
+    return place_call(bridge.url, plan, **kwargs)
 
 
 def local_settings(vapi, assistant_id: str, **extra):

@@ -17,7 +17,6 @@ recovers, /health included, once the lock is released or space is freed.
 
 from __future__ import annotations
 
-import asyncio
 import concurrent.futures
 import contextlib
 import json
@@ -38,13 +37,13 @@ from twivapi_cli import signing
 from twivapi_cli.bridge import sessions as bridge_sessions
 from twivapi_cli.bridge.twilio_hooks import FALLBACK_TEXT
 from twivapi_cli.models import CallState
-from twivapi_cli.sim.twilio_caller import CallerPlan, SimulatedCaller
+from twivapi_cli.sim.twilio_caller import CallerPlan
 from twivapi_cli.store.memory import MemoryStore
 from twivapi_cli.store.sqlite import SQLiteStore
 
 from .polling import wait_for
 from .sims import running_sims
-from .support import PUBLIC, TOKEN, VAPI_SECRET, bridge_settings, new_call_sid, running_bridge
+from .support import PUBLIC, TOKEN, VAPI_SECRET, bridge_settings, new_call_sid, place_call, running_bridge
 
 SETUP_DEADLINE = 1.5      # stream mode: the bridge's POST /call deadline, shortened from 8 s for the test
 BYPASS_TIMEOUT = 1.0      # bypass mode: TWIVAPI_BYPASS_TIMEOUT
@@ -88,17 +87,6 @@ def stream_bridge(sims, short_setup_deadline):
 def bypass_bridge(sims):
     with running_bridge(settings_for(sims, "bypass"), MemoryStore(), public_from_server=True) as b:
         yield b
-
-
-def place_call(bridge, plan: CallerPlan):
-    async def go():
-        caller = SimulatedCaller(TOKEN)
-        try:
-            return await caller.call(bridge.url + "/twilio/voice", plan=plan,
-                                     status_callback=bridge.url + "/twilio/status")
-        finally:
-            await caller.aclose()
-    return asyncio.run(go())
 
 
 def active_sids(bridge) -> set[str]:
@@ -165,7 +153,7 @@ def _check_fallback(result, said_by: float):
 def test_stream_mode_setup_fault(fault, stream_bridge, clean_faults):
     sims, bridge = clean_faults, stream_bridge
     rule = _apply(sims, fault)
-    result = place_call(bridge, CallerPlan(hangup_after_s=1.2 if not fault.fallback else CALLER_HANGS_UP_AT))
+    result = place_call(bridge.url, CallerPlan(hangup_after_s=1.2 if not fault.fallback else CALLER_HANGS_UP_AT))
     sid = result.call_sid
     assert rule.fired == 1, "POST /call was retried (or never made)"
     events = bridge.events(sid)
@@ -196,7 +184,7 @@ def test_bypass_mode_setup_fault(fault, bypass_bridge, clean_faults):
     sims, bridge = clean_faults, bypass_bridge
     rule = _apply(sims, fault)
     started = time.monotonic()
-    result = place_call(bridge, CallerPlan(hangup_after_s=1.2 if not fault.fallback else CALLER_HANGS_UP_AT))
+    result = place_call(bridge.url, CallerPlan(hangup_after_s=1.2 if not fault.fallback else CALLER_HANGS_UP_AT))
     sid = result.call_sid
     assert rule.fired == 1, "POST /call was retried (or never made)"
     assert result.webhook_ms[0] < BYPASS_TIMEOUT * 1000 + 500, "the voice webhook outlived the bypass timeout"
@@ -233,7 +221,7 @@ def test_a_call_vapi_created_but_the_bridge_cannot_use_is_ended(mode, stream_bri
     else:
         body["phoneCallProviderDetails"] = {"twiml": "not TwiML"}
     sims.running.vapi_faults.add("status", "/call", method="POST", status=201, body=body, count=1)
-    result = place_call(bridge, CallerPlan(hangup_after_s=CALLER_HANGS_UP_AT))
+    result = place_call(bridge.url, CallerPlan(hangup_after_s=CALLER_HANGS_UP_AT))
     _check_fallback(result, said_by=SETUP_DEADLINE + 1.5)
     assert control.fired == 1, "the unusable Vapi call was not ended through its control URL"
     assert bridge.session(result.call_sid).state == CallState.FAILED
@@ -243,10 +231,10 @@ def test_the_bridge_serves_calls_again_once_vapi_recovers(stream_bridge, bypass_
     sims = clean_faults
     sims.failing_calls(503)
     for bridge in (stream_bridge, bypass_bridge):
-        assert FALLBACK_TEXT in place_call(bridge, CallerPlan(hangup_after_s=3.0)).said
+        assert FALLBACK_TEXT in place_call(bridge.url, CallerPlan(hangup_after_s=3.0)).said
     sims.clear_faults()
     for bridge in (stream_bridge, bypass_bridge):
-        result = place_call(bridge, CallerPlan(hangup_after_s=1.0))
+        result = place_call(bridge.url, CallerPlan(hangup_after_s=1.0))
         assert FALLBACK_TEXT not in result.said and len(result.heard) >= 8 * 300 and not result.errors
 
 
@@ -255,7 +243,7 @@ def test_faults_on_many_concurrent_setups_each_get_the_fallback(stream_bridge, c
     sims, bridge = clean_faults, stream_bridge
     sims.running.vapi_faults.add("status", "/call", method="POST", status=500, probability=0.5)
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
-        results = list(pool.map(lambda _: place_call(bridge, CallerPlan(hangup_after_s=1.5)), range(8)))
+        results = list(pool.map(lambda _: place_call(bridge.url, CallerPlan(hangup_after_s=1.5)), range(8)))
     for result in results:
         session = bridge.session(result.call_sid)
         if session.state == CallState.FAILED:

@@ -3,7 +3,6 @@ event is lost, and every live session is either resumed or ended with a reason."
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import os
@@ -17,10 +16,10 @@ import pytest
 
 from twivapi_cli import signing
 from twivapi_cli.models import CallState, Session
-from twivapi_cli.sim.twilio_caller import CallerPlan, SimulatedCaller
+from twivapi_cli.sim.twilio_caller import CallerPlan
 
 from .sims import running_sims
-from .support import TOKEN, VAPI_KEY, VAPI_SECRET, free_port, new_call_sid, start_serve
+from .support import TOKEN, VAPI_KEY, VAPI_SECRET, free_port, new_call_sid, place_call, start_serve
 
 
 @pytest.fixture(scope="module")
@@ -55,16 +54,10 @@ def test_sigkill_mid_call_then_restart_resumes_or_ends_every_session(sims, tmp_p
         sig = signing.twilio_signature(TOKEN, url + "/twilio/voice", params)
         return httpx.post(url + "/twilio/voice", data=params, headers={"X-Twilio-Signature": sig})
 
-    def place_call(sid, hangup_after_s, into: list):
-        async def go():
-            caller = SimulatedCaller(TOKEN)
-            try:
-                return await caller.call(url + "/twilio/voice", plan=CallerPlan(hangup_after_s=hangup_after_s),
-                                         call_sid=sid)
-            finally:
-                await caller.aclose()
+    def call_into(sid, hangup_after_s, into: list):
         try:
-            into.append(asyncio.run(go()))
+            into.append(place_call(url, CallerPlan(hangup_after_s=hangup_after_s), status_callback=False,
+                                   call_sid=sid))
         except Exception as exc:   # the bridge died under it
             into.append(exc)
 
@@ -72,7 +65,7 @@ def test_sigkill_mid_call_then_restart_resumes_or_ends_every_session(sims, tmp_p
     proc = start_serve(env, port)
     try:
         first: list = []
-        caller = threading.Thread(target=place_call, args=(in_call, 30, first), daemon=True)
+        caller = threading.Thread(target=call_into, args=(in_call, 30, first), daemon=True)
         caller.start()
         settle(lambda: (s := session(in_call)) and s.state == CallState.ACTIVE and s.stream_sid)
         assert voice(ready).status_code == 200
@@ -94,7 +87,7 @@ def test_sigkill_mid_call_then_restart_resumes_or_ends_every_session(sims, tmp_p
         assert failed.state == CallState.FAILED and failed.ended_reason == "bridge-restarted-during-setup"
         assert session(ready).state == CallState.READY             # resumed: its media can still come
         second: list = []
-        place_call(ready, 2.0, second)                             # ...and does, to the new process
+        call_into(ready, 2.0, second)                             # ...and does, to the new process
         result = second[0]
         assert not isinstance(result, Exception) and len(result.heard) > 1600, result
         settle(lambda: session(ready).state == CallState.ENDED)

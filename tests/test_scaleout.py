@@ -21,12 +21,12 @@ from twivapi_cli import tail as tail_lib
 from twivapi_cli.bridge.admin import create_admin_app
 from starlette.routing import Mount
 from twivapi_cli.models import CallState, Session
-from twivapi_cli.sim.twilio_caller import CallerPlan, SimulatedCaller
+from twivapi_cli.sim.twilio_caller import CallerPlan
 from twivapi_cli.store.redis import RedisStore
 
 from .sims import running_sims
-from .support import (TOKEN, VAPI_KEY, VAPI_SECRET, bridge_settings, free_port, new_call_sid, running_bridge,
-                      start_serve)
+from .support import (TOKEN, VAPI_KEY, VAPI_SECRET, bridge_settings, dial, free_port, new_call_sid, place_call,
+                      running_bridge, start_serve)
 from .test_store import redis_available
 
 pytestmark = [pytest.mark.redis,
@@ -87,14 +87,10 @@ def test_barge_in_webhook_on_one_instance_clears_the_media_on_another(sims, pref
     assistant = sims.assistant(greeting_ms=4000)
     a_ctx, b_ctx = two_bridges(sims, prefix, assistant, public_from_server=True)
     with a_ctx as a, b_ctx as b:
-        caller = SimulatedCaller(TOKEN)
         sid = new_call_sid()
 
         async def call():
-            try:
-                return await caller.call(a.url + "/twilio/voice", plan=CallerPlan(hangup_after_s=2.0), call_sid=sid)
-            finally:
-                await caller.aclose()
+            return await dial(a.url, CallerPlan(hangup_after_s=2.0), status_callback=False, call_sid=sid)
 
         async def interrupt_via_b():
             await asyncio.sleep(1.0)
@@ -247,15 +243,10 @@ def test_media_socket_on_one_instance_voice_webhook_on_another(sims, prefix):
         settings_b = bridge_settings(sims.url, VAPI_ASSISTANT_ID=sims.assistant(greeting_ms=4000),
                                      TWIVAPI_PUBLIC_URL=a.url)   # B's TwiML sends the stream to A
         with running_bridge(settings_b, RedisStore(URL, prefix=prefix)) as b:
-            caller = SimulatedCaller(TOKEN)
             sid = new_call_sid()
 
             async def call():
-                try:
-                    return await caller.call(a.url + "/twilio/voice", plan=CallerPlan(hangup_after_s=2.5),
-                                             call_sid=sid)
-                finally:
-                    await caller.aclose()
+                return await dial(a.url, CallerPlan(hangup_after_s=2.5), status_callback=False, call_sid=sid)
 
             async def interrupt_via_b():
                 await asyncio.sleep(1.5)
@@ -334,14 +325,8 @@ def test_an_instance_killed_mid_call_its_calls_end_with_the_reason_and_the_other
         return read(lambda store: store.get_session(sid))
 
     def run_call():
-        async def go():
-            caller = SimulatedCaller(TOKEN)
-            try:
-                return await caller.call(url_a + "/twilio/voice", plan=CallerPlan(hangup_after_s=30), call_sid=sid)
-            finally:
-                await caller.aclose()
         try:
-            outcome.append(asyncio.run(go()))
+            outcome.append(place_call(url_a, CallerPlan(hangup_after_s=30), status_callback=False, call_sid=sid))
         except Exception as exc:   # its next webhook to the dead instance fails: expected
             outcome.append(exc)
 
