@@ -26,7 +26,6 @@ import base64
 import contextlib
 import dataclasses
 import json
-import os
 import random
 import threading
 import time
@@ -40,12 +39,12 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from twivapi_cli import signing
 from twivapi_cli.bridge import media
 from twivapi_cli.models import CallState
-from twivapi_cli.sim.twilio_caller import CallerPlan, SimulatedCaller
+from twivapi_cli.sim.twilio_caller import CallerPlan
 from twivapi_cli.store.memory import MemoryStore
 
 from .polling import until, wait_for
 from .sims import running_sims
-from .support import TOKEN, VAPI_SECRET, bridge_settings, new_call_sid, running_bridge
+from .support import TOKEN, VAPI_SECRET, bridge_settings, new_call_sid, place_call, running_bridge
 
 EXAMPLES = 500         # connections per property, normal run
 SLOW_EXAMPLES = 1_000   # the slow variant (./scripts/test-slow)
@@ -143,16 +142,9 @@ class GoodCall:
         self.started = 0.0
 
     def _run(self) -> None:
-        async def go():
-            caller = SimulatedCaller(TOKEN)
-            try:
-                return await caller.call(self.bridge.url + "/twilio/voice", call_sid=self.call_sid,
-                                         plan=CallerPlan(audio=self.sent, hangup_after_s=None),
-                                         status_callback=self.bridge.url + "/twilio/status")
-            finally:
-                await caller.aclose()
         try:
-            self.result = asyncio.run(go())
+            self.result = place_call(self.bridge.url, CallerPlan(audio=self.sent, hangup_after_s=None),
+                                     call_sid=self.call_sid)
         except BaseException as exc:   # reported by check()
             self.error = exc
 

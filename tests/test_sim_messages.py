@@ -8,11 +8,11 @@ import asyncio
 import pytest
 
 from twivapi_cli import audio
-from twivapi_cli.sim.twilio_caller import CallerPlan, SimulatedCaller
+from twivapi_cli.sim.twilio_caller import CallerPlan
 from twivapi_cli.store.memory import MemoryStore
 
 from .sims import running_sims
-from .support import TOKEN, bridge_settings, running_bridge
+from .support import bridge_settings, place_call, running_bridge
 from .test_sim_vapi import conforms, spec_or_skip
 
 SERVER_SCHEMAS = {"status-update": "ServerMessageStatusUpdate", "speech-update": "ServerMessageSpeechUpdate",
@@ -38,15 +38,7 @@ def emitted():
         with running_bridge(settings, MemoryStore(), public_from_server=True) as bridge:
             sims.vapi("PATCH", f"/assistant/{assistant_id}", json={"server": {"url": bridge.url + "/vapi/webhook"}})
             speech = audio.silence_mulaw(500) + audio.pcm16_to_ulaw(audio.tone(300, 500, 8000, 0.5))
-            caller = SimulatedCaller(TOKEN)
-
-            async def go():
-                try:
-                    return await caller.call(bridge.url + "/twilio/voice", plan=CallerPlan(audio=speech,
-                                                                                           hangup_after_s=2.5))
-                finally:
-                    await caller.aclose()
-            result = asyncio.run(go())
+            result = place_call(bridge.url, CallerPlan(audio=speech, hangup_after_s=2.5), status_callback=False)
             driver = sims.driver(bridge.session(result.call_sid).vapi_call_id)
             asyncio.run(asyncio.sleep(0.3))
             yield driver
