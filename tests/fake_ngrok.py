@@ -12,7 +12,7 @@ TUNNELS = {}
 
 def log(level, msg, **fields):
     """The agent's `--log stdout` format: logfmt."""
-    parts = [f"t=2026-11-24T00:00:00+0000", f"lvl={level}", f"msg={json.dumps(msg)}"]
+    parts = ["t=2026-11-24T00:00:00+0000", f"lvl={level}", f"msg={json.dumps(msg)}"]
     parts += [f"{k}={json.dumps(v) if ' ' in str(v) else v}" for k, v in fields.items()]
     print(" ".join(parts), flush=True)
 
