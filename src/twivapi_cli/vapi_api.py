@@ -119,12 +119,7 @@ class VapiClient:
         transport = call.get("transport")
         url = transport.get("websocketCallUrl") if isinstance(transport, dict) else None
         if not isinstance(url, str) or not url.startswith(("ws://", "wss://")):
-            # a call we cannot connect to: end it (if we can say how), never leave it running
-            try:
-                await self.end_call(call)
-            except VapiApiError:
-                pass
-            raise VapiApiError("Vapi POST /call answered without a transport.websocketCallUrl")
+            await self._refuse(call, "Vapi POST /call answered without a transport.websocketCallUrl")
         return call
 
     async def create_bypass_call(self, assistant_id: str, phone_number_id: str, customer_number: str, *,
@@ -137,17 +132,21 @@ class VapiClient:
         details = call.get("phoneCallProviderDetails")
         twiml = details.get("twiml") if isinstance(details, dict) else None
         if not isinstance(twiml, str) or not _is_twiml(twiml):
-            # Twilio would tell the caller "an application error has occurred": end it, say why
-            try:
-                await self.end_call(call)
-            except VapiApiError:
-                pass
-            raise VapiApiError("Vapi POST /call (bypass) answered without a <Response> TwiML document "
-                               "in phoneCallProviderDetails.twiml")
+            # Twilio would tell the caller "an application error has occurred": refuse it instead
+            await self._refuse(call, "Vapi POST /call (bypass) answered without a <Response> TwiML document "
+                                     "in phoneCallProviderDetails.twiml")
         return call
 
     async def get_call(self, call_id: str) -> dict:
         return await self.request("GET", f"/call/{call_id}")
+
+    async def _refuse(self, call: dict, why: str) -> None:
+        """A created call we cannot use: end it (if it says how), never leave it running; raise why."""
+        try:
+            await self.end_call(call)
+        except VapiApiError:
+            pass
+        raise VapiApiError(why)
 
     async def end_call(self, call: dict) -> None:
         """End a live call through Live Call Control (never DELETE /call: that erases data)."""

@@ -126,9 +126,10 @@ class CallRegistry:
             return None
         await self.recorder.record("state", call_sid, state=to.value, reason=reason)
         if to in (CallState.READY, CallState.ACTIVE) or to.terminal:
-            self._ready_event(call_sid).set()
-            if to.terminal:   # waiters hold the event; nothing will wait on this call again
-                self._ready.pop(call_sid, None)
+            # waiters hold the event; once the call is over nothing waits on it again
+            event = self._ready.pop(call_sid, None) if to.terminal else self._ready_event(call_sid)
+            if event is not None:
+                event.set()
             if self.shared:   # a media socket waiting on another instance
                 await self.signal(call_sid, "ready", {"state": to.value})
         return session
@@ -141,16 +142,19 @@ class CallRegistry:
         await self.signal(call_sid, "end", {"reason": reason})
         if session.vapi_call_id and session.control_url:
             asyncio.create_task(self._end_vapi(session))
-        self._ready.pop(call_sid, None)
         return True
 
     async def _end_vapi(self, session: Session) -> None:
+        await self.end_vapi_call(session.call_sid, {"monitor": {"controlUrl": session.control_url}})
+
+    async def end_vapi_call(self, call_sid: str, call: dict) -> None:
+        """End a Vapi call through its control URL; one that had already ended is not an error."""
         try:
-            await self.vapi.end_call({"monitor": {"controlUrl": session.control_url}})
+            await self.vapi.end_call(call)
         except VapiApiError as exc:
             if exc.status in (400, 404):
                 return  # already ended (e.g. its socket closed first) or gone: nothing to end
-            await self.recorder.record("vapi.end-failed", session.call_sid, error=str(exc))
+            await self.recorder.record("vapi.end-failed", call_sid, error=str(exc))
 
     # --- Vapi call setup (stream mode) ----------------------------------------------------------------
     def request_setup(self, call_sid: str) -> bool:

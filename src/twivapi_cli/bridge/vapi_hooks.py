@@ -18,7 +18,6 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from .. import signing
-from ..errors import VapiApiError
 from ..models import CallState
 from .http import HttpError, read_body
 
@@ -81,7 +80,7 @@ async def webhook(request: Request) -> Response:
     message = parse_message(body)
     kind = message["type"]
     call_sid, vapi_id = call_ids(message)
-    first = None
+    first: bool | None = None   # first delivery of this body? asked once, when it matters
     if _is_barge_in(message):   # urgent: stale audio must stop now, not after the call's queue
         first = await _first_delivery(app.store, body)
         if first:
@@ -91,7 +90,9 @@ async def webhook(request: Request) -> Response:
     reply = await _answer(request, kind, message)
     if reply is None:
         reply = {}
-        if first if first is not None else await _first_delivery(app.store, body):
+        if first is None:
+            first = await _first_delivery(app.store, body)
+        if first:
             await _dispatch(request, message, call_sid, vapi_id, event)
         else:
             session = await _session_for(app.store, message)
@@ -177,11 +178,7 @@ async def _end_late_vapi_call(app, message: dict, session) -> bool:
         return False
     await app.recorder.record("race.vapi-call-after-end", session.call_sid, vapi_call_id=call.get("id"),
                               state=session.state.value)
-    try:
-        await app.vapi.end_call(call)
-    except VapiApiError as exc:
-        if exc.status not in (400, 404):   # 400/404: it had ended already
-            await app.recorder.record("vapi.end-failed", session.call_sid, error=str(exc))
+    await app.registry.end_vapi_call(session.call_sid, call)
     return True
 
 

@@ -32,7 +32,6 @@ class CallQueues(Protocol):
         """Take the lease of a non-empty queue nobody holds."""
     async def head(self, key: str) -> tuple[bool, dict | None]:
         """(still the holder, first item or None); renews the lease."""
-    async def pop(self, key: str) -> None: ...
     async def advance(self, key: str) -> tuple[bool, dict | None]:
         """Pop the applied head; (still the holder, next item), or (True, None) once the queue is
         empty, the lease then given back in the same step."""
@@ -79,16 +78,12 @@ class LocalQueues:
         queue = self._queues.get(key)
         return key in self._held, (queue[0] if queue else None)
 
-    async def pop(self, key: str) -> None:
-        queue = self._queues.get(key)
-        if queue:
-            queue.popleft()
-
     async def advance(self, key: str) -> tuple[bool, dict | None]:
         if key not in self._held:
             return False, None
-        await self.pop(key)
         queue = self._queues.get(key)
+        if queue:
+            queue.popleft()
         if queue:
             return True, queue[0]
         await self.finish(key)

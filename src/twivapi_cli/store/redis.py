@@ -47,10 +47,10 @@ for _, v in ipairs(allowed) do if v == ARGV[1] then ok = true end end
 if not ok then return {0, s['state']} end
 s['state'] = ARGV[1]
 s['updated_at'] = tonumber(ARGV[3])
+local ended = ARGV[1] == 'ended' or ARGV[1] == 'failed'
+if ended and ARGV[2] ~= '' then s['ended_reason'] = ARGV[2] end
 local out = cjson.encode(s)
-if (ARGV[1] == 'ended' or ARGV[1] == 'failed') then
-  if ARGV[2] ~= '' then s['ended_reason'] = ARGV[2] end
-  out = cjson.encode(s)
+if ended then
   redis.call('ZREM', KEYS[2], s['call_sid'])
   redis.call('SET', KEYS[1], out, 'PX', ARGV[5])
 else
@@ -112,12 +112,6 @@ redis.call('PEXPIRE', KEYS[2], ARGV[2])
 return {1, redis.call('LINDEX', KEYS[1], 0)}
 """
 
-# KEYS: queue, lease. ARGV: instance
-_POP = """
-if redis.call('GET', KEYS[2]) == ARGV[1] then redis.call('LPOP', KEYS[1]) end
-return 1
-"""
-
 # KEYS: queue, lease, queued zset. ARGV: instance, lease ms, call key. Pop the head we applied, then
 # return the next one (renewing the lease) or, if none, give the lease back. Returns {held, next}
 _ADVANCE = """
@@ -152,7 +146,7 @@ class RedisQueues:
     def __init__(self, store: "RedisStore", instance: str):
         self.store, self.instance = store, instance
         self._scripts = {name: store.redis.register_script(src) for name, src in (
-            ("push", _PUSH), ("acquire", _ACQUIRE), ("head", _HEAD), ("pop", _POP), ("release", _RELEASE),
+            ("push", _PUSH), ("acquire", _ACQUIRE), ("head", _HEAD), ("release", _RELEASE),
             ("advance", _ADVANCE))}
 
     def _keys(self, key: str) -> list[str]:
@@ -171,9 +165,6 @@ class RedisQueues:
         held, raw = await self.store._do(self._scripts["head"](keys=self._keys(key)[:2],
                                                                args=[self.instance, QUEUE_LEASE_MS]))
         return bool(held), (json.loads(raw) if raw else None)
-
-    async def pop(self, key: str) -> None:
-        await self.store._do(self._scripts["pop"](keys=self._keys(key)[:2], args=[self.instance]))
 
     async def advance(self, key: str) -> tuple[bool, dict | None]:
         held, raw = await self.store._do(self._scripts["advance"](keys=self._keys(key),
