@@ -83,24 +83,27 @@ def test_webhooks_for_one_call_alternate_across_instances(sims, prefix):
         assert "twilio.status.stale" in types
 
 
+def _call_on_a_interrupted_via_b(a, b, sid: str, *, hangup_after_s: float, interrupt_after_s: float):
+    """A simulated call whose media socket is on A, and a `user-interrupted` webhook sent to B while
+    it plays: (the caller's result, B's answer to the webhook)."""
+    async def interrupt_via_b():
+        await asyncio.sleep(interrupt_after_s)
+        return await asyncio.to_thread(b.vapi, {"type": "user-interrupted", "turnId": "t",
+                                                "call": {"phoneCallProviderId": sid}})
+
+    async def both():
+        return await asyncio.gather(
+            dial(a.url, CallerPlan(hangup_after_s=hangup_after_s), status_callback=False, call_sid=sid),
+            interrupt_via_b())
+    return asyncio.run(both())
+
+
 def test_barge_in_webhook_on_one_instance_clears_the_media_on_another(sims, prefix):
     assistant = sims.assistant(greeting_ms=4000)
     a_ctx, b_ctx = two_bridges(sims, prefix, assistant, public_from_server=True)
     with a_ctx as a, b_ctx as b:
         sid = new_call_sid()
-
-        async def call():
-            return await dial(a.url, CallerPlan(hangup_after_s=2.0), status_callback=False, call_sid=sid)
-
-        async def interrupt_via_b():
-            await asyncio.sleep(1.0)
-            return await asyncio.to_thread(b.vapi, {"type": "user-interrupted", "turnId": "t",
-                                                    "call": {"phoneCallProviderId": sid}})
-
-        async def both():
-            return await asyncio.gather(call(), interrupt_via_b())
-
-        result, response = asyncio.run(both())
+        result, response = _call_on_a_interrupted_via_b(a, b, sid, hangup_after_s=2.0, interrupt_after_s=1.0)
         assert response.status_code == 200
         assert len(result.clears) == 1, result.timeline
         clears = [e for e in a.events(sid) if e.type == "media.clear"]
@@ -244,24 +247,12 @@ def test_media_socket_on_one_instance_voice_webhook_on_another(sims, prefix):
                                      TWIVAPI_PUBLIC_URL=a.url)   # B's TwiML sends the stream to A
         with running_bridge(settings_b, RedisStore(URL, prefix=prefix)) as b:
             sid = new_call_sid()
-
-            async def call():
-                return await dial(a.url, CallerPlan(hangup_after_s=2.5), status_callback=False, call_sid=sid)
-
-            async def interrupt_via_b():
-                await asyncio.sleep(1.5)
-                return await asyncio.to_thread(b.vapi, {"type": "user-interrupted", "turnId": "t",
-                                                        "call": {"phoneCallProviderId": sid}})
-
-            async def both():
-                return await asyncio.gather(call(), interrupt_via_b())
-
             # B gets the voice webhook and sets up the Vapi call (slowly); Twilio's retry of the same
             # webhook reaches A, whose media socket then waits for B's setup.
             sims.slow_calls(0.8, count=1)
             params = {"CallSid": sid, "From": "+15551112222", "To": "+15553334444", "CallStatus": "ringing"}
             assert b.twilio("/twilio/voice", params, signed_url=a.url + "/twilio/voice").status_code == 200
-            result, response = asyncio.run(both())
+            result, response = _call_on_a_interrupted_via_b(a, b, sid, hangup_after_s=2.5, interrupt_after_s=1.5)
             assert response.status_code == 200
             assert len(result.heard) > 1600 and not result.errors, result.timeline   # greeting heard (200 ms+)
             assert len(result.clears) == 1, result.timeline

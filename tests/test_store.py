@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import uuid
 
@@ -23,19 +24,30 @@ def redis_available() -> bool:
         return False
 
 
+@contextlib.asynccontextmanager
+async def fresh_redis():
+    """An open RedisStore under a key prefix of its own, every key deleted afterwards."""
+    if not redis_available():
+        pytest.skip("no Redis server on 127.0.0.1:6379 (scripts/ensure-redis.sh starts one)")
+    from twivapi_cli.store.redis import RedisStore
+    s = RedisStore("redis://127.0.0.1:6379/0", prefix=f"twivapi-test:{uuid.uuid4().hex[:8]}:")
+    await s.open()
+    try:
+        yield s
+    finally:
+        await s.delete_all()
+        await s.close()
+
+
 @pytest.fixture(params=["memory", "sqlite", pytest.param("redis", marks=pytest.mark.redis)])
 async def store(request, tmp_path):
     if request.param == "redis":
-        if not redis_available():
-            pytest.skip("no Redis server on 127.0.0.1:6379 (scripts/ensure-redis.sh starts one)")
-        from twivapi_cli.store.redis import RedisStore
-        s = RedisStore("redis://127.0.0.1:6379/0", prefix=f"twivapi-test:{uuid.uuid4().hex[:8]}:")
-    else:
-        s = MemoryStore() if request.param == "memory" else SQLiteStore(tmp_path / "s.db")
+        async with fresh_redis() as s:
+            yield s
+        return
+    s = MemoryStore() if request.param == "memory" else SQLiteStore(tmp_path / "s.db")
     await s.open()
     yield s
-    if request.param == "redis":
-        await s.delete_all()
     await s.close()
 
 
@@ -170,14 +182,8 @@ async def queues(request):
     if request.param == "local":
         yield lambda name: LocalQueues() if name == "a" else None
         return
-    if not redis_available():
-        pytest.skip("no Redis server on 127.0.0.1:6379 (scripts/ensure-redis.sh starts one)")
-    from twivapi_cli.store.redis import RedisStore
-    s = RedisStore("redis://127.0.0.1:6379/0", prefix=f"twivapi-test:{uuid.uuid4().hex[:8]}:")
-    await s.open()
-    yield s.call_queues   # one handle per instance name, all on one store
-    await s.delete_all()
-    await s.close()
+    async with fresh_redis() as s:
+        yield s.call_queues   # one handle per instance name, all on one store
 
 
 async def test_queue_one_holder_drains_in_order(queues):
@@ -186,17 +192,13 @@ async def test_queue_one_holder_drains_in_order(queues):
     assert await q.push("CA1", {"n": 2}, limit=10) == (True, False)    # the holder will see it
     assert not await q.acquire("CA1")
     seen = []
-    while True:
-        held, item = await q.head("CA1")
+    held, item = await q.head("CA1")
+    while item is not None:
         assert held
-        if item is None:
-            if await q.finish("CA1"):
-                break
-            continue
         seen.append(item["n"])
-        await q.pop("CA1")
         if item["n"] == 1:
             assert await q.push("CA1", {"n": 3}, limit=10) == (True, False)   # pushed mid-drain
+        held, item = await q.advance("CA1")
     assert seen == [1, 2, 3]
     assert await q.push("CA1", {"n": 4}, limit=10) == (True, True)      # empty again: a new lease
 
@@ -205,7 +207,8 @@ async def test_queue_finish_keeps_the_lease_while_items_remain(queues):
     q = queues("a")
     await q.push("CA1", {"n": 1}, limit=10)
     assert not await q.finish("CA1")
-    await q.pop("CA1")
+    assert (await q.head("CA1")) == (True, {"n": 1})           # still ours
+    assert await q.advance("CA1") == (True, None)
     assert await q.finish("CA1")
 
 
@@ -228,23 +231,16 @@ async def test_queue_limits(queues):
 
 
 @pytest.mark.redis
-@pytest.mark.skipif(not redis_available(), reason="no Redis on 127.0.0.1:6379 (scripts/ensure-redis.sh)")
 async def test_queue_lease_is_per_instance():
-    from twivapi_cli.store.redis import RedisStore
-    store = RedisStore("redis://127.0.0.1:6379/0", prefix=f"twivapi-test:{uuid.uuid4().hex[:8]}:")
-    await store.open()
-    try:
+    async with fresh_redis() as store:
         await _two_instances_share_one_queue(store.call_queues("a"), store.call_queues("b"))
-    finally:
-        await store.delete_all()
-        await store.close()
 
 
 async def _two_instances_share_one_queue(a, b):
     assert await a.push("CA1", {"n": 1}, limit=10) == (True, True)
     assert await b.push("CA1", {"n": 2}, limit=10) == (True, False)     # B queues behind A's lease
     assert (await b.head("CA1"))[0] is False                            # and may not drain it
-    await b.pop("CA1")                                                   # ...nor pop from it
+    assert await b.advance("CA1") == (False, None)                      # ...nor take from it
     assert (await a.head("CA1")) == (True, {"n": 1})
     await a.pause("CA1")
     assert await b.acquire("CA1") and (await b.head("CA1")) == (True, {"n": 1})
@@ -271,21 +267,15 @@ async def test_prune_forgets_ended_sessions_and_expired_claims_from_memory(tmp_p
 
 
 @pytest.mark.redis
-@pytest.mark.skipif(not redis_available(), reason="no Redis on 127.0.0.1:6379 (scripts/ensure-redis.sh)")
 async def test_redis_ended_sessions_expire():
-    from twivapi_cli.store.redis import ENDED_KEPT_S, RedisStore
-    store = RedisStore("redis://127.0.0.1:6379/0", prefix=f"twivapi-test:{uuid.uuid4().hex[:8]}:")
-    await store.open()
-    try:
+    from twivapi_cli.store.redis import ENDED_KEPT_S
+    async with fresh_redis() as store:
         await store.create_session(Session("CA1", "stream"))
         assert await store.redis.pttl(store.k("s", "CA1")) == -1          # live: no expiry
         await store.transition("CA1", CallState.ENDED, reason="done")
         ttl = await store.redis.pttl(store.k("s", "CA1"))
         assert 0 < ttl <= ENDED_KEPT_S * 1000
         assert (await store.get_session("CA1")).ended_reason == "done"
-    finally:
-        await store.delete_all()
-        await store.close()
 
 
 async def test_sqlite_files_are_owner_only(tmp_path):
