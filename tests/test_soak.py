@@ -52,7 +52,10 @@ GREETING_MS = 400
 GREETING_BYTES = 8 * GREETING_MS            # mu-law at 8 kHz
 SPEAK_S = 1.0                               # the caller's (silent) audio: at least this, then `stop`
 LISTEN_CAP_S = 20.0                         # ... or once the greeting is heard; never longer than this
-CALL_TIMEOUT = 60.0                         # one call; far above what a 1 s call takes even on 2 busy cores
+# Waits are upper bounds that end as soon as what they wait for is true: generous, so a machine 3x
+# slower than ours passes as surely, and free on a fast one. They bound time, never what is checked.
+CALL_TIMEOUT = 120.0                        # one call; far above what a 1 s call takes even on 2 busy cores
+SETTLE_S = 120.0                            # for the simulators to finish posting, the log to be complete
 EVENT_RING = 2_000                          # events the store keeps in memory during the soak (~100 calls)
 RSS_GROWTH_LIMIT_MB = 32                    # generous: 40 KB per call after warm-up; a leaked socket or
                                             # media call is more, the store's session index (~2 KB) less
@@ -262,9 +265,9 @@ def run_phase(bridge, sims, count: int, after_seq: int) -> tuple[list[Done], lis
     """Place ``count`` calls, wait until everything about them has been said and written, check
     them, then drop the simulator's per-call state (its assistants keep each call's audio)."""
     done = asyncio.run(place_calls(bridge, count))
-    assert settle(lambda: not quiet(sims)) is False, "the simulated assistants did not finish posting"
+    assert settle(lambda: not quiet(sims), timeout=SETTLE_S) is False, "the simulated assistants did not finish posting"
     # acknowledgements and processing marks are written behind the answers: give them a moment
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + SETTLE_S / 2
     problems, seq = check_phase(bridge, sims, done, after_seq)
     while problems and time.monotonic() < deadline:
         time.sleep(1.0)
@@ -310,11 +313,13 @@ def test_soak_1000_calls_through_one_bridge(tmp_path, monkeypatch):
                 rss.append(rss_mb())
             elapsed = time.monotonic() - started
             bridge_cpu = thread_cpu_s(bridge.server.thread) - cpu_before
-            left = settle(lambda: active(bridge), timeout=10)
-            leaked_tasks = settle(lambda: sorted(v for k, v in loop_tasks(bridge).items() if k not in tasks_before))
+            left = settle(lambda: active(bridge), timeout=SETTLE_S / 4)
+            leaked_tasks = settle(lambda: sorted(v for k, v in loop_tasks(bridge).items() if k not in tasks_before),
+                                  timeout=SETTLE_S / 4)
             tasks_end = len(loop_tasks(bridge))
-            # idle keep-alive connections between the in-process parts close within uvicorn's 5 s
-            settle(lambda: open_fds()[0] > fds_before[0], timeout=15)
+            # idle pooled connections between the in-process parts close when their clients' keep-alive
+            # expires (5 s; the servers keep theirs 75 s, so the clients always close first)
+            settle(lambda: open_fds()[0] > fds_before[0], timeout=SETTLE_S / 4)
             fds_end = open_fds()
         with contextlib.closing(sqlite3.connect(db)) as conn:
             durable = conn.execute("SELECT COUNT(DISTINCT call_sid), COUNT(*) FROM events WHERE type = 'state' "

@@ -190,6 +190,10 @@ SETTINGS: tuple[Setting, ...] = (
             "Seconds after which a session that never ended is expired.", _positive_float),
     Setting("setup_queue_limit", "TWIVAPI_SETUP_QUEUE_LIMIT", 2000,
             "Vapi call setups that may wait at once; past it callers get the fallback TwiML.", int),
+    Setting("keepalive_timeout", "TWIVAPI_KEEPALIVE_TIMEOUT", 75.0,
+            "Seconds an idle keep-alive connection stays open; above what proxies and load balancers "
+            "idle theirs (ngrok, a cloud LB: 60 s), so they never reuse one the bridge just closed.",
+            _positive_float),
     Setting("ngrok_authtoken", "NGROK_AUTHTOKEN", None, "ngrok auth token for `serve --tunnel`.",
             secret=True),
     Setting("ngrok_path", "TWIVAPI_NGROK_PATH", None,
@@ -221,6 +225,7 @@ class Settings:
     bypass_timeout: float = 5.0
     session_ttl: float = 4 * 3600.0
     setup_queue_limit: int = 2000
+    keepalive_timeout: float = 75.0
     ngrok_authtoken: Secret | None = None
     ngrok_path: str | None = None
 

@@ -6,6 +6,10 @@
 - The async client is httpx's API on aiohttp's transport: httpcore's pool checks every pooled
   connection on every request, which at replay's concurrency cost 3.6 ms of CPU per request
   (measured: 275 requests/s); aiohttp's connector does not.
+- A request that is idempotent by design (a Twilio webhook carrying its I-Twilio-Idempotency-Token,
+  a Vapi message the receiver deduplicates, ending a call) is sent again once when the connection
+  was reset under it, as Twilio does by default (``rc=1``, ``rp=ct``): a pooled connection can be
+  closed by the server just as it is reused. Nothing else is retried here.
 - One TLS context for every async client: httpx builds one per client otherwise (~18 ms of CPU,
   loading the CA bundle), and the simulated assistant makes a client per call; at 100 concurrent
   call starts that serialized the simulator's loop for ~2 s (tests/test_soak.py found it).
@@ -13,9 +17,11 @@
 
 from __future__ import annotations
 
+import errno
 import functools
 import socket
 import ssl
+from typing import Any
 
 import httpx
 
@@ -37,3 +43,33 @@ def async_client(**options) -> httpx.AsyncClient:
 
 def client(**options) -> httpx.Client:
     return httpx.Client(transport=httpx.HTTPTransport(socket_options=NODELAY), **options)
+
+
+_RESET_ERRNOS = {errno.ECONNRESET, errno.EPIPE, errno.ECONNABORTED}
+
+
+def is_connection_reset(exc: BaseException) -> bool:
+    """The connection was closed under the request (reset, or closed before any response) rather
+    than the server being slow or unreachable. httpx-aiohttp maps aiohttp's disconnects to
+    ``ConnectTimeout``, so the cause chain is what tells."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, (ConnectionResetError, BrokenPipeError, ConnectionAbortedError,
+                             httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError)):
+            return True
+        if isinstance(seen, OSError) and seen.errno in _RESET_ERRNOS:
+            return True
+        if type(seen).__name__ == "ServerDisconnectedError":   # aiohttp's, without importing it here
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+async def post_idempotent(client: httpx.AsyncClient, url: str, **options: Any) -> httpx.Response:
+    """POST a request that is safe to repeat; once more if the connection was reset under it."""
+    try:
+        return await client.post(url, **options)
+    except httpx.TransportError as exc:
+        if not is_connection_reset(exc):
+            raise
+    return await client.post(url, **options)

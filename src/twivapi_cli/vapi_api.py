@@ -14,6 +14,7 @@ from typing import Any
 import httpx
 from httpx_aiohttp import HttpxAiohttpClient
 
+from . import net
 from .errors import VapiApiError
 
 MULAW_8K = {"format": "mulaw", "container": "raw", "sampleRate": 8000}
@@ -85,12 +86,20 @@ class VapiClient:
         await self._client.aclose()
 
     async def request(self, method: str, path: str, *, json: Any = None, params: dict | None = None,
-                      timeout: float | None = None) -> Any:
+                      timeout: float | None = None, idempotent: bool = False) -> Any:
+        """One request; ``idempotent`` ones are sent once more if the connection was reset under them
+        (a pooled connection the server closed as we reused it). POST /call never is: a second
+        attempt could create a second call."""
         kwargs: dict[str, Any] = {"json": json, "params": params, "headers": self._headers}
         if timeout is not None:
             kwargs["timeout"] = timeout
         try:
-            response = await self._client.request(method, path, **kwargs)
+            try:
+                response = await self._client.request(method, path, **kwargs)
+            except httpx.TransportError as exc:
+                if not (idempotent and net.is_connection_reset(exc)):
+                    raise
+                response = await self._client.request(method, path, **kwargs)
         except httpx.TimeoutException:
             raise VapiApiError(f"Vapi {method} {path} timed out", hint="Vapi is slow or VAPI_BASE_URL is wrong") from None
         except httpx.HTTPError as exc:
@@ -154,7 +163,7 @@ class VapiClient:
         control_url = monitor.get("controlUrl") if isinstance(monitor, dict) else None
         if not isinstance(control_url, str) or not control_url:
             return
-        await self.request("POST", control_url, json={"type": "end-call"})
+        await self.request("POST", control_url, json={"type": "end-call"}, idempotent=True)  # ending twice is harmless
 
     # --- assistants and numbers -----------------------------------------------------------------
     async def list_assistants(self) -> list[dict]:

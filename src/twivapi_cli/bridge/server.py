@@ -25,11 +25,18 @@ from ..tail import BRIDGE_FILE
 log = logging.getLogger("twivapi.bridge")
 
 
-def _config(app, host: str, port: int, log_level: str) -> uvicorn.Config:
+# uvicorn closes an idle keep-alive connection after 5 s; the proxies in front of a bridge (ngrok, a
+# cloud load balancer: 60 s) and our own pooled clients (5 s) keep theirs at least as long, so they
+# would send a request on a socket just closed: a reset, a 502 to Twilio. The server must outlast them.
+KEEPALIVE_S = 75.0
+
+
+def _config(app, host: str, port: int, log_level: str, keepalive: float = KEEPALIVE_S) -> uvicorn.Config:
     # The access log is off: one line per webhook costs more than the webhook itself; the event log
     # (twivapi tail) records every request instead.
     return uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False,
                           lifespan="on", ws_max_size=1024 * 1024, timeout_graceful_shutdown=3,
+                          timeout_keep_alive=keepalive,
                           # 20 ms audio frames do not compress; deflating each one cost ~15% of the CPU
                           ws_per_message_deflate=False)
 
@@ -75,8 +82,10 @@ def serve_forever(settings: Settings, *, log_level: str = "info", announce=print
     admin_sock = _bind_or_explain("127.0.0.1", settings.admin_port, "TWIVAPI_ADMIN_PORT")  # loopback only
     token = secrets.token_urlsafe(24)
     admin_url = f"http://127.0.0.1:{admin_sock.getsockname()[1]}"
-    public = _QuietServer(_config(app, settings.host, public_sock.getsockname()[1], log_level))
-    admin = _QuietServer(_config(create_admin_app(app, token), "127.0.0.1", admin_sock.getsockname()[1], log_level))
+    keepalive = settings.keepalive_timeout
+    public = _QuietServer(_config(app, settings.host, public_sock.getsockname()[1], log_level, keepalive))
+    admin = _QuietServer(_config(create_admin_app(app, token), "127.0.0.1", admin_sock.getsockname()[1], log_level,
+                                 keepalive))
     bridge_file = write_bridge_file(Path(settings.state_dir), admin_url, token, public_sock.getsockname()[1])
     announce(f"twivapi bridge ({settings.mode} mode) on http://{settings.host}:{public_sock.getsockname()[1]}, "
              f"public URL {settings.public_url or '(not set)'}")
@@ -131,11 +140,11 @@ def bind(host: str = "127.0.0.1", port: int = 0) -> socket.socket:
 
 
 def start_in_thread(app, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning",
-                    sock: socket.socket | None = None) -> RunningServer:
+                    sock: socket.socket | None = None, keepalive: float = KEEPALIVE_S) -> RunningServer:
     """Start ``app`` on its own event loop in a daemon thread; returns once it accepts connections."""
     sock = sock or bind(host, port)
     host = sock.getsockname()[0]
-    server = uvicorn.Server(_config(app, host, sock.getsockname()[1], log_level))
+    server = uvicorn.Server(_config(app, host, sock.getsockname()[1], log_level, keepalive))
     server.install_signal_handlers = lambda: None  # only the main thread may; harmless elsewhere
 
     loops: list[asyncio.AbstractEventLoop] = []

@@ -140,7 +140,7 @@ class SimulatedCaller:
                    "I-Twilio-Idempotency-Token": str(uuid.uuid4()), "User-Agent": "TwilioProxy/1.1",
                    "Content-Type": "application/x-www-form-urlencoded; charset=UTF-8", "X-Home-Region": "us1"}
         started = time.monotonic()
-        response = await self.http.post(url, data=params, headers=headers)
+        response = await net.post_idempotent(self.http, url, data=params, headers=headers)  # same token: a retry
         if result is not None:
             result.webhook_ms.append(round((time.monotonic() - started) * 1000, 2))
         return response
@@ -160,7 +160,7 @@ class SimulatedCaller:
             headers = {"X-Twilio-Signature": signing.twilio_signature(self.token, url, delivery),
                        "I-Twilio-Idempotency-Token": token, "User-Agent": "TwilioProxy/1.1",
                        "Content-Type": "application/x-www-form-urlencoded; charset=UTF-8"}
-            response = await self.http.post(url, data=delivery, headers=headers)
+            response = await net.post_idempotent(self.http, url, data=delivery, headers=headers)
             result.note("status-callback", {"status": delivery.get("CallStatus"),
                                             "sequence": delivery.get("SequenceNumber"), "http": response.status_code})
 

@@ -61,7 +61,8 @@ class ServerPoster:
         async with self._lock:
             self.sent.append(message)
             try:
-                response = await self.http.post(self.url, content=body, headers=headers)
+                # the same body again: the receiver deduplicates it (Vapi's backoffPlan retries likewise)
+                response = await net.post_idempotent(self.http, self.url, content=body, headers=headers)
             except httpx.HTTPError as exc:
                 self.replies.append((message.get("type", ""), 0, str(exc)))
                 return None
