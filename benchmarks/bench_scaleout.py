@@ -105,6 +105,7 @@ def _forget(prefix: str) -> None:
 def bargein_rows(quick: bool) -> list[dict]:
     from twivapi_cli.bridge.app import create_app
     from twivapi_cli.bridge.server import start_in_thread
+    from twivapi_cli.cluster import open_state
     from twivapi_cli.config import Secret, Settings
     from twivapi_cli.store.redis import RedisStore
     from twivapi_cli.vapi_api import VapiClient
@@ -112,7 +113,7 @@ def bargein_rows(quick: bool) -> list[dict]:
     prefix = f"bench-{uuid.uuid4().hex[:6]}:"
     settings = Settings(twilio_auth_token=Secret("t"), vapi_webhook_secret=Secret("s"), vapi_api_key=Secret("k"),
                         vapi_assistant_id="a")
-    apps = [create_app(settings, RedisStore("redis://127.0.0.1:6379/0", prefix=prefix),
+    apps = [create_app(settings, *open_state("redis://127.0.0.1:6379/0", prefix=prefix),
                        VapiClient("http://127.0.0.1:9", "k")) for _ in range(2)]
     servers = [start_in_thread(app) for app in apps]
     time.sleep(0.3)   # both subscribed to the signal channel
@@ -122,7 +123,7 @@ def bargein_rows(quick: bool) -> list[dict]:
     async def listen():
         async def listener(kind, data):
             received[data.get("turn")] = time.perf_counter()
-        apps[0].state.registry.listen(sid, listener)
+        apps[0].state.deps.signals.listen(sid, listener)
     servers[0].run(listen)
     import httpx
     client = httpx.Client(transport=httpx.HTTPTransport(socket_options=[(6, 1, 1)]))

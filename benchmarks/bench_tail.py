@@ -22,6 +22,7 @@ from common import cpu_seconds, pct  # noqa: E402
 from twivapi_cli.bridge.admin import create_admin_app  # noqa: E402
 from twivapi_cli.bridge.app import create_app
 from twivapi_cli.bridge.server import start_in_thread
+from twivapi_cli.cluster.local import LocalCluster
 from twivapi_cli.config import Secret, Settings
 from twivapi_cli.store.memory import MemoryStore
 from twivapi_cli.vapi_api import VapiClient
@@ -33,7 +34,7 @@ TOKEN = "bench-admin-token"
 def run(quick: bool = False, rate: int = 1000) -> list[dict]:
     seconds = 3 if quick else 8
     settings = Settings(twilio_auth_token=Secret("x"), vapi_webhook_secret=Secret("x"))
-    app = create_app(settings, MemoryStore(), VapiClient("http://127.0.0.1:9", "x"))
+    app = create_app(settings, MemoryStore(), LocalCluster(), VapiClient("http://127.0.0.1:9", "x"))
     bridge = start_in_thread(app)
     admin = start_in_thread(create_admin_app(app, TOKEN))
     proc = subprocess.Popen([TWIVAPI, "tail", "--url", admin.url, "--token", TOKEN, "--json"], env={**os.environ, "PYTHONUNBUFFERED": "1"},
@@ -55,7 +56,7 @@ def run(quick: bool = False, rate: int = 1000) -> list[dict]:
     cpu_before = cpu_seconds(proc.pid)
 
     async def produce() -> None:
-        recorder = app.state.recorder
+        recorder = app.state.deps.recorder
         start = time.monotonic()
         for n in range(total):
             await recorder.record("bench.tick", f"CA{n % 50:032d}", n=n, ms=1.5)

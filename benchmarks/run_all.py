@@ -18,7 +18,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 BENCHMARKS = ("bench_startup", "bench_codec", "bench_webhooks", "bench_bridge", "bench_replay", "bench_tail",
-              "bench_scaleout")
+              "bench_scaleout", "bench_burst")
 
 
 def print_rows(name: str, rows: list[dict]) -> None:
@@ -113,6 +113,23 @@ def _scaleout(rows: list[dict]) -> list[dict]:
     return out
 
 
+def _burst(rows: list[dict]) -> list[dict]:
+    out = []
+    for row in rows:
+        if not row["server"].startswith("twivapi"):
+            continue
+        seed = next((r for r in rows if r["server"].startswith("seed") and r["calls"] == row["calls"]
+                     and r["rate_target"] == row["rate_target"]), None)
+        out.append({"figure": f"burst of {row['calls']} calls at {row['rate_target']}/s, Vapi POST /call at 800 ms: "
+                              "set up, within 2 s of the webhook, ack p99",
+                    "twivapi": f"{row['set_up']} set up, {row['within_2s']} within 2 s, {row['fallbacks']} fallbacks, "
+                               f"ack p99 {row['ack_p99_ms']} ms",
+                    "side by side with": f"seed {seed['set_up']} set up, {seed['within_2s']} within 2 s, "
+                                         f"ack p99 {seed['ack_p99_ms']} ms" if seed else "(seed skipped: see its message)",
+                    "ratio": f"goal (all set up within 2 s, ack p99 <= 50 ms): {row['goal']}"})
+    return out
+
+
 def _startup(rows: list[dict]) -> list[dict]:
     ours = next(row for row in rows if row["command"].startswith("twivapi"))
     twilio = next((row for row in rows if row["command"].startswith("twilio")), None)
@@ -125,7 +142,7 @@ def _startup(rows: list[dict]) -> list[dict]:
 
 
 HEADLINES = {"bench_startup": _startup, "bench_codec": _codec, "bench_webhooks": _webhooks, "bench_bridge": _bridge,
-             "bench_replay": _replay, "bench_tail": _tail, "bench_scaleout": _scaleout}
+             "bench_replay": _replay, "bench_tail": _tail, "bench_scaleout": _scaleout, "bench_burst": _burst}
 
 
 def summary(benchmarks: dict[str, dict]) -> list[dict]:

@@ -64,23 +64,41 @@ class Bridge:
         headers = {"content-type": "application/json", **signing.sign_vapi(secret, body, mode)}
         return self.http.post(self.url + "/vapi/webhook", content=body, headers=headers)
 
+    @property
+    def deps(self):
+        """The bridge's typed dependencies (store, cluster, recorder, calls, signals, drainer, ...)."""
+        return self.app.state.deps
+
     def session(self, call_sid: str):
-        return self.server.run(lambda: self.app.state.store.get_session(call_sid))
+        return self.server.run(lambda: self.deps.store.get_session(call_sid))
 
     def events(self, call_sid: str | None = None):
-        return self.server.run(lambda: self.app.state.store.events(0, call_sid=call_sid, limit=10_000))
+        return self.server.run(lambda: self.deps.store.events(0, call_sid=call_sid, limit=10_000))
+
+
+def cluster_for(store):
+    """The cluster that goes with a test's store: Redis beside a RedisStore (same server and prefix),
+    local otherwise."""
+    from twivapi_cli.cluster.local import LocalCluster
+    from twivapi_cli.store.redis import RedisStore
+    if isinstance(store, RedisStore):
+        from twivapi_cli.cluster.redis import RedisCluster
+        return RedisCluster(store.connection)
+    return LocalCluster()
 
 
 @contextlib.contextmanager
-def running_bridge(settings: Settings, store, *, public_from_server: bool = False, **options) -> Iterator[Bridge]:
+def running_bridge(settings: Settings, store, *, public_from_server: bool = False, cluster=None,
+                   **options) -> Iterator[Bridge]:
     """A bridge on real uvicorn. ``public_from_server``: its own loopback URL is the public URL, so
     a simulated caller can follow the TwiML's stream URL."""
     from twivapi_cli.bridge.server import bind
     sock = bind()
     if public_from_server:
         settings = settings.with_overrides(public_url=f"http://127.0.0.1:{sock.getsockname()[1]}")
-    vapi = VapiClient(settings.vapi_base_url, settings.vapi_api_key.reveal())
-    app = create_app(settings, store, vapi, **options)
+    vapi = VapiClient(settings.vapi_base_url, settings.vapi_api_key.reveal(),
+                      max_connections=settings.setup_concurrency + 32)
+    app = create_app(settings, store, cluster or cluster_for(store), vapi, **options)
     server = start_in_thread(app, sock=sock)
     bridge = Bridge(server, app, settings)
     try:

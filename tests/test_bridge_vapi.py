@@ -110,7 +110,7 @@ def test_messages_for_one_call_are_processed_in_arrival_order(bridge):
 
 
 async def _listen(bridge, sid, listener):
-    bridge.app.state.registry.listen(sid, listener)
+    bridge.deps.signals.listen(sid, listener)
 
 
 def test_message_before_session_exists_is_parked_then_applied(bridge):
@@ -152,24 +152,24 @@ def test_interruption_on_the_webhook_reaches_the_media_listener(bridge):
 def test_parked_messages_expire(bridge):
     sid = new_call_sid()
     bridge.vapi({"type": "hang", "call": {"phoneCallProviderId": sid}})
-    registry = bridge.app.state.registry
-    wait_for(lambda: registry.stats()["parked_calls"] == 1)   # its drain found no session and paused
-    import twivapi_cli.bridge.sessions as sessions
+    drainer = bridge.deps.drainer
+    wait_for(lambda: drainer.stats()["parked_calls"] == 1)   # its drain found no session and paused
+    import twivapi_cli.bridge.drain as sessions
     original = sessions.PARK_TTL, sessions.STALE_QUEUE_S
     sessions.PARK_TTL = sessions.STALE_QUEUE_S = 0.0
     try:
-        bridge.server.run(lambda: registry.sweep())
-        wait_for(lambda: registry.stats()["parked_calls"] == 0)
+        bridge.server.run(lambda: bridge.deps.sweeper.sweep())
+        wait_for(lambda: drainer.stats()["parked_calls"] == 0)
     finally:
         sessions.PARK_TTL, sessions.STALE_QUEUE_S = original
-    assert registry.stats()["queued_calls"] == 0
+    assert drainer.stats()["queued_calls"] == 0
     assert [e for e in bridge.events() if e.type == "parked.expired"][0].data["messages"] == 1
 
 
 def test_sessions_that_never_end_expire_by_ttl(bridge):
     sid, _ = ready_call(bridge)
-    registry = bridge.app.state.registry
-    expired = bridge.server.run(lambda: registry.sweep(now=time.time() + 5 * 3600))
+    sweeper = bridge.deps.sweeper
+    expired = bridge.server.run(lambda: sweeper.sweep(now=time.time() + 5 * 3600))
     assert expired >= 1
     assert bridge.session(sid).state == CallState.ENDED and bridge.session(sid).ended_reason == "expired-ttl"
 
@@ -201,7 +201,7 @@ def test_a_vapi_call_that_goes_live_after_its_call_ended_is_ended(bridge, vapi):
     bridge.voice(sid)
     wait_for(lambda: bridge.session(sid).state == CallState.FAILED)
     vapi.clear_faults()
-    late = bridge.server.run(lambda: bridge.app.state.vapi.create_websocket_call(
+    late = bridge.server.run(lambda: bridge.deps.vapi.create_websocket_call(
         vapi.assistant_id, "mulaw-8k", metadata={"twilioCallSid": sid}))
     assert not vapi.ended(late["id"])
     response = bridge.vapi({"type": "status-update", "status": "in-progress", "call": late})

@@ -37,6 +37,7 @@ import websockets
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from twivapi_cli import signing
+from twivapi_cli import twilio_media
 from twivapi_cli.bridge import media
 from twivapi_cli.models import CallState
 from twivapi_cli.sim.twilio_caller import CallerPlan
@@ -116,7 +117,7 @@ def bridge(sims, ended):
         b.ws_url = b.url.replace("http://", "ws://") + "/twilio/media"
         b.ended = ended
         yield b
-        five_xx = {key: n for key, n in b.app.state.http_counts.items() if key[1] >= 500}
+        five_xx = {key: n for key, n in b.deps.http_counts.items() if key[1] >= 500}
         assert not five_xx, f"HTTP 5xx answered during the media fuzzing: {five_xx}"
 
 
@@ -266,7 +267,7 @@ def finish_session(bridge, sid: str) -> None:
     assert response.status_code == 204, response.text
     session = bridge.session(sid)
     assert session.state.terminal and session.ended_reason, session
-    active = bridge.server.run(lambda: bridge.app.state.store.active_sessions())
+    active = bridge.server.run(lambda: bridge.deps.store.active_sessions())
     assert sid not in {s.call_sid for s in active}
 
 
@@ -751,10 +752,10 @@ def test_frames_received_before_twilio_closed_are_processed_even_if_a_send_faile
 
     async def on_read(n: int) -> None:
         if n == 3:   # after start and one bad frame: the pacer sends, and finds Twilio gone
-            await holder["call"].send_twilio({"event": "mark", "streamSid": stream, "mark": {"name": "0:20"}})
+            await holder["call"].send_twilio(twilio_media.Mark(stream, "0:20"))
 
     async def go():
-        call = holder["call"] = media.MediaCall(bridge.app.state, ClosedTwilioSocket(frames, on_read))
+        call = holder["call"] = media.MediaCall(bridge.deps, ClosedTwilioSocket(frames, on_read))
         await call.run()
         return call
 

@@ -177,7 +177,7 @@ def test_store_down_when_the_stream_starts_closes_it_with_1011(vapi):
                 return ws.close_code
         assert asyncio.run(stream()) == 1011                      # closed, saying why, not hung
         store.down = False
-        counters = bridge.app.state.recorder.counters
+        counters = bridge.deps.recorder.counters
         assert counters.get("media.store_error") == 1 and counters.get("media.bad_message", 0) == 0
         again = run_call(bridge, CallerPlan(hangup_after_s=1.0))  # the bridge carries on
         assert again.heard and not again.errors

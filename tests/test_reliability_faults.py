@@ -5,8 +5,9 @@ simulated caller places the call through the bridge. The outcome asserted for ea
 
 - a fault the bridge cannot absorb (5xx, 429, a hang, an answer past the deadline, garbage) gives
   the caller the fallback message within a bound, never silence, and leaves the session in a
-  terminal state with a reason and out of ``active_sessions``; the Vapi call is never retried
-  (no retry storm on a 429) and nothing of Vapi's reaches the caller;
+  terminal state with a reason and out of ``active_sessions``; the Vapi call is never retried but
+  on a 429 (it created nothing), and then only with backoff, after Retry-After and inside the
+  deadline (no retry storm), and nothing of Vapi's reaches the caller;
 - a fault it can absorb (slow, but inside the deadline) is invisible to the caller.
 
 The store part: SQLite locked by another connection, and a full disk (a full tmpfs when this
@@ -34,9 +35,9 @@ import httpx
 import pytest
 
 from twivapi_cli import signing
-from twivapi_cli.bridge import sessions as bridge_sessions
+from twivapi_cli.bridge import setup as bridge_setup
 from twivapi_cli.bridge.twilio_hooks import FALLBACK_TEXT
-from twivapi_cli.models import CallState
+from twivapi_cli.models import CallState, Trigger
 from twivapi_cli.sim.twilio_caller import CallerPlan
 from twivapi_cli.store.memory import MemoryStore
 from twivapi_cli.store.sqlite import SQLiteStore
@@ -68,7 +69,7 @@ def clean_faults(sims):
 @pytest.fixture(scope="module")
 def short_setup_deadline():
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(bridge_sessions, "SETUP_DEADLINE", SETUP_DEADLINE)
+        patch.setattr(bridge_setup, "SETUP_DEADLINE", SETUP_DEADLINE)
         yield
 
 
@@ -90,7 +91,7 @@ def bypass_bridge(sims):
 
 
 def active_sids(bridge) -> set[str]:
-    return {s.call_sid for s in bridge.server.run(lambda: bridge.app.state.store.active_sessions())}
+    return {s.call_sid for s in bridge.server.run(lambda: bridge.deps.store.active_sessions())}
 
 
 # --- Vapi faults on POST /call ------------------------------------------------------------------------
@@ -111,6 +112,7 @@ FAULTS = [
     Fault("500", {"kind": "status", "status": 500}, error="HTTP 500"),
     Fault("502-html", {"kind": "garbage", "status": 502}, error="HTTP 502 .non-JSON"),
     Fault("503", {"kind": "status", "status": 503, "headers": {"Retry-After": "1"}}, error="HTTP 503"),
+    # Retry-After (2 s) is past the deadline: no retry
     Fault("429", {"kind": "status", "status": 429, "headers": {"Retry-After": "2"},
                   "body": {"statusCode": 429, "message": "Too Many Requests", "error": "Too Many Requests"}},
           error="HTTP 429: Too Many Requests"),
@@ -177,6 +179,32 @@ def test_stream_mode_setup_fault(fault, stream_bridge, clean_faults):
         assert after and after[0].data["state"] == "failed"
     assert sid not in active_sids(bridge)
     assert [e.data["state"] for e in events if e.type == "state"].count(session.state.value) == 1
+
+
+TOO_MANY = {"kind": "status", "status": 429,
+            "body": {"statusCode": 429, "message": "Too Many Requests", "error": "Too Many Requests"}}
+
+
+def test_stream_mode_retries_a_transient_429_and_the_call_works(stream_bridge, clean_faults):
+    sims, bridge = clean_faults, stream_bridge
+    rule = sims.running.vapi_faults.add(path="/call", method="POST", count=1, **TOO_MANY)
+    result = place_call(bridge.url, CallerPlan(hangup_after_s=1.2))
+    assert rule.fired == 1 and len(sims.calls_for(result.call_sid)) == 1   # refused once, then created once
+    assert not result.errors and FALLBACK_TEXT not in result.said
+    assert len(result.heard) >= 8 * 300, "the greeting was not heard"
+    assert "vapi.setup-failed" not in [e.type for e in bridge.events(result.call_sid)]
+
+
+def test_stream_mode_429_without_retry_after_backs_off_until_the_deadline(stream_bridge, clean_faults):
+    sims, bridge = clean_faults, stream_bridge
+    rule = sims.running.vapi_faults.add(path="/call", method="POST", **TOO_MANY)
+    result = place_call(bridge.url, CallerPlan(hangup_after_s=CALLER_HANGS_UP_AT))
+    _check_fallback(result, said_by=SETUP_DEADLINE + 1.5)
+    # retried, but backing off: 200 ms doubling, jittered, inside a 1.5 s deadline is a handful of tries
+    assert 2 <= rule.fired <= 12, rule.fired
+    failed = [e for e in bridge.events(result.call_sid) if e.type == "vapi.setup-failed"]
+    assert len(failed) == 1 and "429" in failed[0].data["error"]
+    assert bridge.session(result.call_sid).ended_reason == "vapi-setup-failed"
 
 
 @pytest.mark.parametrize("fault", FAULTS, ids=lambda f: f.name)
@@ -440,7 +468,7 @@ def test_a_status_callback_refused_during_the_lock_is_processed_when_twilio_retr
 STORE_WRITES = {
     "create_session": lambda store: store.create_session(_session("CA-new")),
     "update_session": lambda store: store.update_session("CA-live", vapi_call_id="vapi-2", stream_sid="MZ-2"),
-    "transition": lambda store: store.transition("CA-live", CallState.ENDED, reason="twilio-completed"),
+    "transition": lambda store: store.transition("CA-live", Trigger.END, reason="twilio-completed"),
     "apply_status_sequence": lambda store: store.apply_status_sequence("CA-live", 7),
     "claim": lambda store: store.claim("twilio:status:tok", 60),
     "append": lambda store: store.append(_event()),
@@ -474,7 +502,7 @@ async def test_a_write_refused_by_a_locked_file_is_undone_in_memory_and_can_be_r
     await store.open()
     await store.create_session(_session("CA-live"))
     await store.update_session("CA-live", vapi_call_id="vapi-1")
-    await store.transition("CA-live", CallState.READY)
+    await store.transition("CA-live", Trigger.VAPI_CALL_CREATED)
     before = await _snapshot(store)
     other = sqlite3.connect(path, isolation_level=None)
     other.execute("BEGIN EXCLUSIVE")
@@ -509,7 +537,7 @@ async def test_the_undo_bookkeeping_is_forgotten_with_the_calls(tmp_path):
     await store.open()
     for sid in ("CA-old", "CA-live"):
         await store.create_session(_session(sid))
-    await store.transition("CA-old", CallState.ENDED, reason="twilio-completed")
+    await store.transition("CA-old", Trigger.END, reason="twilio-completed")
     assert await store.prune(time.time() + 1) == 1
     assert set(store._changes) == {"CA-live"}
     await store.close()
@@ -598,6 +626,7 @@ FSIZE_BRIDGE = textwrap.dedent("""
     from starlette.routing import Route
     from twivapi_cli.bridge.app import create_app
     from twivapi_cli.bridge.server import _config, bind
+    from twivapi_cli.cluster.local import LocalCluster
     from twivapi_cli.config import load_settings
     from twivapi_cli.store.sqlite import SQLiteStore
     from twivapi_cli.vapi_api import VapiClient
@@ -617,7 +646,7 @@ FSIZE_BRIDGE = textwrap.dedent("""
         return JSONResponse({"limit": resource.getrlimit(resource.RLIMIT_FSIZE)[0]})
 
     settings = load_settings({}, environ=env, env_file=None)
-    app = create_app(settings, SQLiteStore(path, busy_timeout=0.2),
+    app = create_app(settings, SQLiteStore(path, busy_timeout=0.2), LocalCluster(),
                      VapiClient(settings.vapi_base_url, settings.vapi_api_key.reveal()),
                      extra_routes=[Route("/_test/disk/{action}", disk, methods=["POST"])])
     sock = bind()

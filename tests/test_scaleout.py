@@ -20,7 +20,7 @@ from twivapi_cli import signing
 from twivapi_cli import tail as tail_lib
 from twivapi_cli.bridge.admin import create_admin_app
 from starlette.routing import Mount
-from twivapi_cli.models import CallState, Session
+from twivapi_cli.models import CallState, Session, Trigger
 from twivapi_cli.sim.twilio_caller import CallerPlan
 from twivapi_cli.store.redis import RedisStore
 
@@ -77,7 +77,7 @@ def test_webhooks_for_one_call_alternate_across_instances(sims, prefix):
         assert a.status(sid, "ringing", sequence=0).status_code == 204     # stale, on yet another path
         assert a.session(sid).state == CallState.ENDED and b.session(sid).state == CallState.ENDED
         # A set the call up; B ended it: A forgets its wait state for the call all the same
-        settle(lambda: sid not in a.app.state.registry._ready)
+        settle(lambda: not a.deps.signals.waiting(sid))
         types = [e.type for e in a.events(sid)]
         assert types == [e.type for e in b.events(sid)]   # one shared, merged event log
         assert "twilio.status.stale" in types
@@ -118,11 +118,7 @@ def test_concurrent_transitions_from_two_instances_one_wins(prefix):
         await one.create_session(Session("CA1", "stream"))
 
         async def end(store, reason):
-            try:
-                await store.transition("CA1", CallState.ENDED, reason=reason)
-                return reason
-            except Exception:
-                return None
+            return reason if (await store.transition("CA1", Trigger.END, reason=reason)).moved else None
         winners = [w for w in await asyncio.gather(*(end(one if i % 2 else two, f"r{i}") for i in range(40))) if w]
         session = await one.get_session("CA1")
         await one.close()
@@ -143,11 +139,11 @@ def test_calls_of_a_lost_instance_are_ended_with_the_reason(sims, prefix):
             await store.create_session(Session(sid, "stream", instance="ghost-instance"))   # no heartbeat: gone
             await store.close()
         asyncio.run(orphan())
-        ended = a.server.run(lambda: a.app.state.registry.sweep())
+        ended = a.server.run(lambda: a.deps.sweeper.sweep())
         assert ended >= 1
         session = a.session(sid)
         assert session.state == CallState.ENDED and session.ended_reason == "instance-lost"
-        assert not [s for s in a.server.run(lambda: a.app.state.store.active_sessions()) if s.call_sid == sid]
+        assert not [s for s in a.server.run(lambda: a.deps.store.active_sessions()) if s.call_sid == sid]
 
 
 @pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server not installed")
@@ -196,7 +192,7 @@ def _ready_call(bridge) -> tuple[str, str]:
 
 def _listen(bridge, sid, listener) -> None:
     async def add():
-        bridge.app.state.registry.listen(sid, listener)
+        bridge.deps.signals.listen(sid, listener)
     bridge.server.run(add)
 
 

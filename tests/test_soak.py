@@ -243,7 +243,7 @@ def check_phase(bridge, sims, done: list[Done], after_seq: int) -> tuple[list[st
     """Every call of a phase against the bridge's event log (from ``after_seq`` on) and the
     simulator's record of it; the problems, and the newest event's seq."""
     by_call = collections.defaultdict(list)
-    events = bridge.server.run(lambda: bridge.app.state.store.events(after_seq, limit=10_000_000), timeout=60)
+    events = bridge.server.run(lambda: bridge.deps.store.events(after_seq, limit=10_000_000), timeout=60)
     for event in events:
         by_call[event.call_sid].append(event)
     vapi = sims.state.vapi
@@ -285,7 +285,7 @@ def quiet(sims) -> bool:
 
 
 def active(bridge) -> list:
-    return bridge.server.run(lambda: bridge.app.state.store.active_sessions())
+    return bridge.server.run(lambda: bridge.deps.store.active_sessions())
 
 
 # --- the soak -------------------------------------------------------------------------------------------

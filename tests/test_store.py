@@ -9,7 +9,7 @@ import uuid
 
 import pytest
 
-from twivapi_cli.models import CallState, Event, IllegalTransition, Session
+from twivapi_cli.models import CallState, Event, Outcome, Session, Trigger
 from twivapi_cli.store import open_store
 from twivapi_cli.store.memory import MemoryStore
 from twivapi_cli.store.sqlite import SQLiteStore
@@ -59,25 +59,32 @@ async def test_create_is_idempotent(store):
 
 async def test_transitions_are_guarded(store):
     await store.create_session(Session("CA1", "stream"))
-    await store.transition("CA1", CallState.SETTING_UP)
-    await store.transition("CA1", CallState.ENDED, reason="twilio-completed")
-    with pytest.raises(IllegalTransition):
-        await store.transition("CA1", CallState.ACTIVE)
+    assert (await store.transition("CA1", Trigger.SETUP_STARTED)).outcome is Outcome.MOVED
+    assert (await store.transition("CA1", Trigger.END, reason="twilio-completed")).outcome is Outcome.MOVED
+    refused = await store.transition("CA1", Trigger.MEDIA_CONNECTED)
+    assert refused.outcome is Outcome.REJECTED and refused.previous == CallState.ENDED
     session = await store.get_session("CA1")
     assert session.state == CallState.ENDED and session.ended_reason == "twilio-completed"
-    with pytest.raises(KeyError):
-        await store.transition("CA-missing", CallState.ENDED)
+    assert (await store.transition("CA-missing", Trigger.END)).outcome is Outcome.UNKNOWN
+
+
+async def test_a_trigger_that_leaves_the_state_changes_nothing(store):
+    await store.create_session(Session("CA1", "stream"))
+    await store.transition("CA1", Trigger.VAPI_CALL_CREATED)
+    before = await store.get_session("CA1")
+    again = await store.transition("CA1", Trigger.VAPI_CALL_CREATED)
+    assert again.outcome is Outcome.ALREADY and again.session.state == CallState.READY
+    assert (await store.get_session("CA1")).updated_at == before.updated_at
+    await store.transition("CA1", Trigger.END, reason="done")
+    late = await store.transition("CA1", Trigger.VAPI_CALL_CREATED)   # the race the setup handles
+    assert late.outcome is Outcome.ALREADY and late.session.state == CallState.ENDED
 
 
 async def test_concurrent_transitions_only_one_wins(store):
     await store.create_session(Session("CA1", "stream"))
 
     async def end(reason):
-        try:
-            await store.transition("CA1", CallState.ENDED, reason=reason)
-            return reason
-        except IllegalTransition:
-            return None
+        return reason if (await store.transition("CA1", Trigger.END, reason=reason)).moved else None
 
     winners = [w for w in await asyncio.gather(*(end(f"r{i}") for i in range(20))) if w]
     assert len(winners) == 1
@@ -130,9 +137,9 @@ async def test_sqlite_survives_reopen(tmp_path):
     first = SQLiteStore(path)
     await first.open()
     await first.create_session(Session("CA1", "stream"))
-    await first.transition("CA1", CallState.READY)
+    await first.transition("CA1", Trigger.VAPI_CALL_CREATED)
     await first.create_session(Session("CA2", "stream"))
-    await first.transition("CA2", CallState.ENDED, reason="done")
+    await first.transition("CA2", Trigger.END, reason="done")
     seq = await first.append(Event(type="twilio.voice", call_sid="CA1"))
     await first.claim("idem", ttl=60)
     await first.close()
@@ -175,15 +182,16 @@ def test_open_store_urls(tmp_path):
         open_store("mysql://x")
 
 
-# --- the per-call queue contract (store/queues.py), local and Redis --------------------------------
+# --- the per-call queue contract (cluster/queues.py), local and Redis ------------------------------
 @pytest.fixture(params=["local", pytest.param("redis", marks=pytest.mark.redis)])
 async def queues(request):
-    from twivapi_cli.store.queues import LocalQueues
+    from twivapi_cli.cluster.queues import LocalQueues
     if request.param == "local":
         yield lambda name: LocalQueues() if name == "a" else None
         return
+    from twivapi_cli.cluster.redis import RedisQueues
     async with fresh_redis() as s:
-        yield s.call_queues   # one handle per instance name, all on one store
+        yield lambda name: RedisQueues(s.connection, name)   # one handle per instance name, one server
 
 
 async def test_queue_one_holder_drains_in_order(queues):
@@ -233,7 +241,8 @@ async def test_queue_limits(queues):
 @pytest.mark.redis
 async def test_queue_lease_is_per_instance():
     async with fresh_redis() as store:
-        await _two_instances_share_one_queue(store.call_queues("a"), store.call_queues("b"))
+        from twivapi_cli.cluster.redis import RedisQueues
+        await _two_instances_share_one_queue(RedisQueues(store.connection, "a"), RedisQueues(store.connection, "b"))
 
 
 async def _two_instances_share_one_queue(a, b):
@@ -252,7 +261,7 @@ async def test_prune_forgets_ended_sessions_and_expired_claims_from_memory(tmp_p
     await store.create_session(Session("CA-live", "stream"))
     await store.create_session(Session("CA-over", "stream"))
     await store.update_session("CA-over", vapi_call_id="v-over", stream_sid="MZ-over")
-    await store.transition("CA-over", CallState.ENDED, reason="done")
+    await store.transition("CA-over", Trigger.END, reason="done")
     assert await store.claim("short", 0.001) and await store.claim("long", 60)
     await asyncio.sleep(0.01)
     assert await store.prune(ended_before=time.time() - 3600) == 0     # ended too recently: kept
@@ -272,7 +281,7 @@ async def test_redis_ended_sessions_expire():
     async with fresh_redis() as store:
         await store.create_session(Session("CA1", "stream"))
         assert await store.redis.pttl(store.k("s", "CA1")) == -1          # live: no expiry
-        await store.transition("CA1", CallState.ENDED, reason="done")
+        await store.transition("CA1", Trigger.END, reason="done")
         ttl = await store.redis.pttl(store.k("s", "CA1"))
         assert 0 < ttl <= ENDED_KEPT_S * 1000
         assert (await store.get_session("CA1")).ended_reason == "done"

@@ -23,9 +23,13 @@ import io
 import math
 import warnings
 import wave
+from pathlib import Path
+from types import ModuleType
+from typing import IO, Protocol
 
 import numpy as np
 
+_audioop: ModuleType | None
 with warnings.catch_warnings():
     warnings.simplefilter("ignore", DeprecationWarning)  # stdlib audioop warns on 3.11-3.12
     try:
@@ -209,7 +213,14 @@ class OutboundTranscoder:
         self.downsampler.reset()
 
 
-def transcoders(audio_format: str):
+class Converter(Protocol):
+    """A per-call, stateful converter: bytes in, bytes out, reset at barge-in."""
+
+    def convert(self, data: bytes) -> bytes: ...
+    def reset(self) -> None: ...
+
+
+def transcoders(audio_format: str) -> tuple[Converter, Converter]:
     """(inbound, outbound) converters for ``mulaw-8k`` or ``pcm16-16k``."""
     if audio_format == "mulaw-8k":
         return Passthrough(), Passthrough()
@@ -285,7 +296,7 @@ def tone_level_db(pcm: bytes, freq_hz: float, rate: int) -> float:
     return 20 * math.log10(amplitude / 32768) if amplitude > 0 else -math.inf
 
 
-def read_wav(path_or_bytes) -> tuple[bytes, int]:
+def read_wav(path_or_bytes: str | bytes | IO[bytes]) -> tuple[bytes, int]:
     """(PCM16 mono bytes, sample rate) from a 16-bit PCM or mu-law WAV file."""
     source = io.BytesIO(path_or_bytes) if isinstance(path_or_bytes, bytes) else path_or_bytes
     with wave.open(source, "rb") as w:
@@ -299,7 +310,7 @@ def read_wav(path_or_bytes) -> tuple[bytes, int]:
         raise ValueError("WAV must be 16-bit PCM")
 
 
-def write_wav(path, pcm: bytes, rate: int = 8000) -> None:
+def write_wav(path: str | Path, pcm: bytes, rate: int = 8000) -> None:
     with wave.open(str(path), "wb") as w:
         w.setnchannels(1)
         w.setsampwidth(2)

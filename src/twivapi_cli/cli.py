@@ -36,6 +36,8 @@ def _version(value: bool) -> None:
 def _root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
                                        help="Print the version and exit.")) -> None:
     """Twilio + Vapi voice agents from the terminal."""
+    from .config import install_log_redaction
+    install_log_redaction()   # before any command builds a Secret or logs a header
 
 
 def _register_all() -> None:

@@ -18,6 +18,7 @@ from typing import Any, Callable, Mapping
 from urllib.parse import urlsplit
 
 from .errors import ConfigError
+from .models import Mode
 
 
 class Secret:
@@ -27,7 +28,7 @@ class Secret:
 
     def __init__(self, value: str):
         self._value = value
-        _redact_in_logs(value)
+        _remember_secret(value)
 
     def reveal(self) -> str:
         return self._value
@@ -47,22 +48,38 @@ class Secret:
         return hash(self._value)
 
 
+def revealed(secret: Secret | None) -> str:
+    """A secret setting's value, or "" when it is not set (commands check what they need first)."""
+    return secret.reveal() if secret else ""
+
+
 # Every Secret's value is scrubbed from log records as they are made, whoever logs them: websockets
 # and uvicorn print request headers (Authorization: Bearer <VAPI_API_KEY>) at debug level, pyngrok
 # logs ngrok's own error lines (which can quote the authtoken) through whatever handler is there.
+# A Secret only remembers its value; the scrubber is installed once, at start-up, by whoever owns
+# the process's logging (the CLI, ``serve``): ``install_log_redaction()``.
 _REDACT_MIN = 8                  # shorter values would scrub ordinary words; real secrets are longer
 _redacted: tuple[str, ...] = ()  # longest first; replaced whole, so a reader never sees it change
 _redact_lock = threading.Lock()
+_installed = False
 
 
-def _redact_in_logs(value: object) -> None:
+def _remember_secret(value: object) -> None:
     global _redacted
     if not isinstance(value, str) or len(value) < _REDACT_MIN or value in _redacted:
         return
     with _redact_lock:
-        if not _redacted:
-            logging.setLogRecordFactory(_redacting_factory(logging.getLogRecordFactory()))
         _redacted = tuple(sorted({*_redacted, value}, key=len, reverse=True))
+
+
+def install_log_redaction() -> None:
+    """Scrub every Secret's value (those made before and after this call) from log records; once
+    per process, however often it is called."""
+    global _installed
+    with _redact_lock:
+        if not _installed:
+            logging.setLogRecordFactory(_redacting_factory(logging.getLogRecordFactory()))
+            _installed = True
 
 
 def _scrub(text: str, values: tuple[str, ...]) -> str | None:
@@ -78,6 +95,8 @@ def _redacting_factory(previous: Callable[..., logging.LogRecord]) -> Callable[.
     def factory(*args: Any, **kwargs: Any) -> logging.LogRecord:
         record = previous(*args, **kwargs)
         values = _redacted
+        if not values:
+            return record
         try:
             message = _scrub(record.getMessage(), values)
             if message is not None:
@@ -92,7 +111,7 @@ def _redacting_factory(previous: Callable[..., logging.LogRecord]) -> Callable[.
     return factory
 
 
-MODES = ("stream", "bypass", "native")
+MODES = tuple(mode.value for mode in Mode)
 AUDIO_FORMATS = ("mulaw-8k", "pcm16-16k")
 
 
@@ -113,6 +132,13 @@ def _public_url(value: str) -> str:
     return value
 
 
+def _mode(value: str) -> Mode:
+    try:
+        return Mode(value)
+    except ValueError:
+        raise ValueError(f"must be one of {', '.join(MODES)}") from None
+
+
 def _choice(options: tuple[str, ...]) -> Callable[[str], str]:
     def cast(value: str) -> str:
         if value not in options:
@@ -131,6 +157,13 @@ def _positive_float(value: str) -> float:
     number = float(value)
     if number <= 0:
         raise ValueError("must be a positive number")
+    return number
+
+
+def _positive_int(value: str) -> int:
+    number = int(value)
+    if number <= 0:
+        raise ValueError("must be a positive whole number")
     return number
 
 
@@ -174,7 +207,7 @@ SETTINGS: tuple[Setting, ...] = (
             "(default: SQLite in the state dir)."),
     Setting("redis_prefix", "TWIVAPI_REDIS_PREFIX", "twivapi:",
             "Key prefix in Redis (several bridges or tests can share one server)."),
-    Setting("mode", "TWIVAPI_MODE", "stream", "stream | bypass | native.", _choice(MODES)),
+    Setting("mode", "TWIVAPI_MODE", Mode.STREAM, "stream | bypass | native.", _mode),
     Setting("audio_format", "TWIVAPI_AUDIO_FORMAT", "mulaw-8k",
             "Audio to Vapi's WebSocket transport: mulaw-8k (passthrough) | pcm16-16k.",
             _choice(AUDIO_FORMATS)),
@@ -190,6 +223,13 @@ SETTINGS: tuple[Setting, ...] = (
             "Seconds after which a session that never ended is expired.", _positive_float),
     Setting("setup_queue_limit", "TWIVAPI_SETUP_QUEUE_LIMIT", 2000,
             "Vapi call setups that may wait at once; past it callers get the fallback TwiML.", int),
+    Setting("setup_concurrency", "TWIVAPI_SETUP_CONCURRENCY", 256,
+            "Vapi call setups (POST /call) in flight at once, and the Vapi client's connection pool; "
+            "a burst needs rate x Vapi's latency (100 calls/s at 800 ms: 80).", _positive_int),
+    Setting("drain_timeout", "TWIVAPI_DRAIN_TIMEOUT", 25.0,
+            "Seconds a stopping bridge (SIGTERM, Ctrl-C) lets its live calls go on before ending them; "
+            "below a typical orchestrator's 30 s grace period, so it exits 0 before being killed.",
+            _positive_float),
     Setting("keepalive_timeout", "TWIVAPI_KEEPALIVE_TIMEOUT", 75.0,
             "Seconds an idle keep-alive connection stays open; above what proxies and load balancers "
             "idle theirs (ngrok, a cloud LB: 60 s), so they never reuse one the bridge just closed.",
@@ -216,7 +256,7 @@ class Settings:
     public_url: str | None = None
     store: str | None = None
     redis_prefix: str = "twivapi:"
-    mode: str = "stream"
+    mode: Mode = Mode.STREAM
     audio_format: str = "mulaw-8k"
     host: str = "127.0.0.1"
     port: int = 8080
@@ -225,7 +265,9 @@ class Settings:
     bypass_timeout: float = 5.0
     session_ttl: float = 4 * 3600.0
     setup_queue_limit: int = 2000
+    setup_concurrency: int = 256
     keepalive_timeout: float = 75.0
+    drain_timeout: float = 25.0
     ngrok_authtoken: Secret | None = None
     ngrok_path: str | None = None
 

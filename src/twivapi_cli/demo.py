@@ -82,10 +82,10 @@ ASSISTANT = {
 
 async def run_demo(workdir: Path | None = None, progress: Callable[[str], None] = lambda _: None) -> DemoReport:
     from .bridge.app import create_app
+    from .cluster import open_state
     from .bridge.server import bind, start_in_thread
     from .sim.server import start_sims
     from .sim.state import SimState
-    from .store import open_store
     from .vapi_api import VapiClient
 
     started = time.monotonic()
@@ -109,7 +109,7 @@ async def run_demo(workdir: Path | None = None, progress: Callable[[str], None] 
                 vapi_base_url=sims.vapi_url, vapi_webhook_secret=Secret(state.vapi.webhook_secret),
                 vapi_assistant_id=assistant["id"], public_url=public, mode="stream",
                 store=f"sqlite:///{workdir / 'demo.db'}", state_dir=workdir)
-            app = create_app(settings, open_store(settings.store_url), VapiClient(sims.vapi_url, creds.vapi_api_key))
+            app = create_app(settings, *open_state(settings.store_url), VapiClient(sims.vapi_url, creds.vapi_api_key))
             bridge = start_in_thread(app, sock=sock)
             try:
                 calls = await _place_calls(state, sims, bridge, app, number, progress)
@@ -153,7 +153,7 @@ async def _place_calls(state, sims, bridge, app, number: str, progress) -> list[
 
 
 def _events(bridge, app, call_sid: str) -> list:
-    return bridge.run(lambda: app.state.store.events(0, call_sid=call_sid, limit=10_000))
+    return bridge.run(lambda: app.state.deps.store.events(0, call_sid=call_sid, limit=10_000))
 
 
 def _judge(name: str, result, state, bridge, app) -> CallReport:
@@ -161,7 +161,7 @@ def _judge(name: str, result, state, bridge, app) -> CallReport:
     by_type: dict[str, list] = {}
     for event in events:
         by_type.setdefault(event.type, []).append(event)
-    session = bridge.run(lambda: app.state.store.get_session(result.call_sid))
+    session = bridge.run(lambda: app.state.deps.store.get_session(result.call_sid))
     voice = (by_type.get("twilio.voice") or [None])[0]
     created = (by_type.get("vapi.call-created") or [None])[0]
     clear = (by_type.get("media.clear") or [None])[0]

@@ -74,7 +74,10 @@ class TwilioApiError(ApiError):
 
 
 class VapiApiError(ApiError):
-    pass
+    def __init__(self, message: str, *, status: int | None = None, code: int | str | None = None,
+                 hint: str | None = None, retry_after: float | None = None):
+        super().__init__(message, status=status, code=code, hint=hint)
+        self.retry_after = retry_after   # seconds, from a 429's or 503's Retry-After header
 
 
 class TargetUnreachable(TwivapiError):

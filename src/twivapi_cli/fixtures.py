@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -34,55 +35,55 @@ class Strict(BaseModel):
 
 
 class MediaExpect(Strict):
-    clear_within_ms: float | None = Field(None, description="a clear must arrive within this many ms of the step")
-    no_clear: bool | None = Field(None, description="no clear may arrive during the step")
+    clear_within_ms: float | None = Field(default=None, description="a clear must arrive within this many ms of the step")
+    no_clear: bool | None = Field(default=None, description="no clear may arrive during the step")
     quiet_after_clear_ms: float | None = Field(
-        None, description="no media for this long after a clear (stale audio of the interrupted turn)")
-    min_audio_ms: float | None = Field(None, description="at least this much assistant audio heard so far")
-    marks_echoed: bool | None = Field(None, description="every mark the server sent was played and echoed")
-    closed: bool | None = Field(None, description="the server closed the socket by the end of the step")
+        default=None, description="no media for this long after a clear (stale audio of the interrupted turn)")
+    min_audio_ms: float | None = Field(default=None, description="at least this much assistant audio heard so far")
+    marks_echoed: bool | None = Field(default=None, description="every mark the server sent was played and echoed")
+    closed: bool | None = Field(default=None, description="the server closed the socket by the end of the step")
 
 
 class Expect(Strict):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
-    status: int | list[int] | None = Field(None, description="HTTP status (or any of a list)")
-    content_type: str | None = Field(None, description="the response's content type starts with this")
+    status: int | list[int] | None = Field(default=None, description="HTTP status (or any of a list)")
+    content_type: str | None = Field(default=None, description="the response's content type starts with this")
     twiml: dict[str, Any] | None = Field(
-        None, description='XPath (ElementTree syntax, from <Response>) -> expected text/attribute, or true for exists;'
+        default=None, description='XPath (ElementTree syntax, from <Response>) -> expected text/attribute, or true for exists;'
                           ' e.g. {"Connect/Stream/@url": "wss://host/twilio/media"}')
     json_paths: dict[str, Any] | None = Field(
-        None, alias="json", description='JSON path like "results.0.result" -> expected value, or true for exists')
-    max_ms: float | None = Field(None, description="latency budget for the step")
+        default=None, alias="json", description='JSON path like "results.0.result" -> expected value, or true for exists')
+    max_ms: float | None = Field(default=None, description="latency budget for the step")
     media: MediaExpect | None = None
 
 
 class Step(Strict):
     twilio: Literal["voice", "status", "after-stream", "stream-status"] | None = None
-    vapi: dict[str, Any] | None = Field(None, description="a Vapi server message (goes inside {\"message\": ...})")
+    vapi: dict[str, Any] | None = Field(default=None, description="a Vapi server message (goes inside {\"message\": ...})")
     media: Literal["open", "audio", "dtmf", "mark", "stop", "wait"] | None = None
 
-    at_ms: float | None = Field(None, ge=0, description="when, from the scenario start")
-    after_ms: float | None = Field(None, ge=0, description="when, after the previous step")
-    repeat: int = Field(1, ge=1, le=1000, description="send the step this many times")
+    at_ms: float | None = Field(default=None, ge=0, description="when, from the scenario start")
+    after_ms: float | None = Field(default=None, ge=0, description="when, after the previous step")
+    repeat: int = Field(default=1, ge=1, le=1000, description="send the step this many times")
     name: str | None = None
 
     # twilio
     params: dict[str, str] = Field(default_factory=dict, description="form parameters (over realistic defaults)")
-    path: str | None = Field(None, description="override the webhook path")
-    json_body: bool = Field(False, description="send JSON, signed through bodySHA256")
+    path: str | None = Field(default=None, description="override the webhook path")
+    json_body: bool = Field(default=False, description="send JSON, signed through bodySHA256")
     signature: Literal["valid", "none", "wrong-token", "wrong-url"] = "valid"
-    idempotency_token: str | None = Field(None, description="reuse a token to replay a retry")
+    idempotency_token: str | None = Field(default=None, description="reuse a token to replay a retry")
     headers: dict[str, str] = Field(default_factory=dict)
     # vapi
     auth: Literal["secret", "bearer", "hmac", "none", "wrong"] = "secret"
     # media
-    url: str | None = Field(None, description="media open: the socket URL (default: the TwiML's Stream url)")
-    tone_hz: float | None = Field(None, gt=0, lt=4000, description="media audio: a tone; omit for silence")
-    file: str | None = Field(None, description="media audio: a WAV file (8 kHz mono, PCM16 or mu-law)")
-    ms: float = Field(0, ge=0, le=600_000, description="media audio/wait: duration")
-    amplitude: float = Field(0.5, gt=0, le=1)
-    digit: str | None = Field(None, pattern=r"^[0-9*#A-D]$")
+    url: str | None = Field(default=None, description="media open: the socket URL (default: the TwiML's Stream url)")
+    tone_hz: float | None = Field(default=None, gt=0, lt=4000, description="media audio: a tone; omit for silence")
+    file: str | None = Field(default=None, description="media audio: a WAV file (8 kHz mono, PCM16 or mu-law)")
+    ms: float = Field(default=0, ge=0, le=600_000, description="media audio/wait: duration")
+    amplitude: float = Field(default=0.5, gt=0, le=1)
+    digit: str | None = Field(default=None, pattern=r"^[0-9*#A-D]$")
     mark: str | None = None
 
     expect: Expect = Field(default_factory=Expect)
@@ -90,7 +91,7 @@ class Step(Strict):
         default_factory=dict, description='variable -> "twiml:XPATH", "json:PATH", "header:Name" or "status"')
 
     @model_validator(mode="after")
-    def one_kind(self) -> "Step":
+    def one_kind(self) -> Step:
         kinds = [k for k in ("twilio", "vapi", "media") if getattr(self, k) is not None]
         if len(kinds) != 1:
             raise ValueError("a step is exactly one of: twilio, vapi, media")
@@ -112,14 +113,14 @@ class Step(Strict):
 class Fixture(Strict):
     name: str
     description: str = ""
-    mode: Literal["stream", "bypass", "native"] = Field("stream", description="the bridge mode it expects")
+    mode: Literal["stream", "bypass", "native"] = Field(default="stream", description="the bridge mode it expects")
     assistant: dict[str, Any] = Field(default_factory=dict,
                                       description="--in-process: the simulated assistant's behaviour")
     vars: dict[str, str] = Field(default_factory=dict)
     steps: list[Step] = Field(min_length=1)
 
 
-def schema() -> dict:
+def schema() -> dict[str, Any]:
     """The published JSON Schema of the fixture format (fixtures/schema.json)."""
     return {"$schema": "https://json-schema.org/draft/2020-12/schema", "title": "twivapi replay fixture",
             **Fixture.model_json_schema()}
@@ -139,16 +140,16 @@ def load(path: str | Path) -> Fixture:
     except ValidationError as exc:
         error = exc.errors()[0]
         loc = list(error["loc"])
-        step = loc[1] if len(loc) > 1 and loc[0] == "steps" and isinstance(loc[1], int) else None
-        field = ".".join(str(p) for p in (loc[2:] if step is not None else loc)) or None
-        raise FixtureError(str(path), error["msg"], step=step, field=field) from None
+        step_index = loc[1] if len(loc) > 1 and loc[0] == "steps" and isinstance(loc[1], int) else None
+        field = ".".join(str(p) for p in (loc[2:] if step_index is not None else loc)) or None
+        raise FixtureError(str(path), error["msg"], step=step_index, field=field) from None
     for index, step in enumerate(fixture.steps):
         if step.file and not (path.parent / step.file).is_file() and not Path(step.file).is_file():
             raise FixtureError(str(path), f"audio file {step.file} not found", step=index, field="file")
     return fixture
 
 
-def expand(paths: list[str | Path]) -> list[Path]:
+def expand(paths: Sequence[str | Path]) -> list[Path]:
     """Files and directories (their *.json, schema.json excepted), in order."""
     out: list[Path] = []
     for raw in paths:

@@ -1,9 +1,10 @@
 """Domain models: the per-call state machine, sessions and the event log.
 
-A call's state is an enum with one guarded ``transition()``: illegal moves raise
-``IllegalTransition`` (the bridge records them as events) instead of silently overwriting state.
-That is where the seed's races (hang-up before Vapi is ready, status callbacks out of order)
-become visible and testable.
+A call's state is an enum moved only by a ``Trigger`` through one table, ``TRANSITIONS``: every
+store applies it atomically and answers a typed ``Transition`` (moved, already there, rejected,
+unknown call), so callers never pre-check a state before moving, and a refused move is recorded
+(``state.rejected``) instead of silently overwriting state. That is where the seed's races (hang-up
+before Vapi is ready, status callbacks out of order) become visible and testable.
 """
 
 from __future__ import annotations
@@ -27,26 +28,90 @@ class CallState(str, enum.Enum):
         return self in (CallState.ENDED, CallState.FAILED)
 
 
-ALLOWED: dict[CallState, frozenset[CallState]] = {
-    CallState.RINGING: frozenset({CallState.SETTING_UP, CallState.READY, CallState.ACTIVE,
-                                  CallState.ENDED, CallState.FAILED}),
-    CallState.SETTING_UP: frozenset({CallState.READY, CallState.ACTIVE, CallState.ENDED, CallState.FAILED}),
-    CallState.READY: frozenset({CallState.ACTIVE, CallState.ENDED, CallState.FAILED}),
-    CallState.ACTIVE: frozenset({CallState.ENDED, CallState.FAILED}),
-    CallState.ENDED: frozenset(),
-    CallState.FAILED: frozenset(),
+class Trigger(str, enum.Enum):
+    """What happened to a call; the table below says where each takes it from each state."""
+    SETUP_STARTED = "setup-started"        # POST /call is about to go out (stream: background; bypass: inline)
+    VAPI_CALL_CREATED = "vapi-call-created"  # POST /call answered with a call
+    VAPI_IN_PROGRESS = "vapi-in-progress"  # Vapi's status-update says the call is in progress
+    MEDIA_CONNECTED = "media-connected"    # the media stream reached Vapi's transport: audio flows
+    FAIL = "fail"                          # setup failed, or could not even be queued: the caller gets the fallback
+    END = "end"                            # hang-up, stop, end-of-call, expiry: the call is over
+
+    @property
+    def wanted(self) -> "CallState":
+        """The state this trigger moves a call to (what a refused move wanted, in the event log)."""
+        return _WANTED[self]
+
+
+_S, _T = CallState, Trigger
+_WANTED = {_T.SETUP_STARTED: _S.SETTING_UP, _T.VAPI_CALL_CREATED: _S.READY, _T.VAPI_IN_PROGRESS: _S.ACTIVE,
+           _T.MEDIA_CONNECTED: _S.ACTIVE, _T.FAIL: _S.FAILED, _T.END: _S.ENDED}
+
+# (state, trigger) -> next state; a pair that is absent is refused (recorded as state.rejected), one
+# that maps to its own state leaves the call as it is, harmlessly (a Vapi call created for a call
+# that already ended is the race the caller handles; an in-progress report for an active call, ...).
+# The one table every store applies (the Redis store ships it to its Lua script as JSON).
+TRANSITIONS: dict[tuple[CallState, Trigger], CallState] = {
+    (_S.RINGING, _T.SETUP_STARTED): _S.SETTING_UP,
+    (_S.RINGING, _T.VAPI_CALL_CREATED): _S.READY,
+    (_S.RINGING, _T.VAPI_IN_PROGRESS): _S.RINGING,      # before our own setup: ours decides
+    (_S.RINGING, _T.MEDIA_CONNECTED): _S.ACTIVE,
+    (_S.SETTING_UP, _T.VAPI_CALL_CREATED): _S.READY,
+    (_S.SETTING_UP, _T.VAPI_IN_PROGRESS): _S.ACTIVE,
+    (_S.SETTING_UP, _T.MEDIA_CONNECTED): _S.ACTIVE,
+    (_S.READY, _T.VAPI_CALL_CREATED): _S.READY,
+    (_S.READY, _T.VAPI_IN_PROGRESS): _S.ACTIVE,
+    (_S.READY, _T.MEDIA_CONNECTED): _S.ACTIVE,
+    (_S.ACTIVE, _T.VAPI_CALL_CREATED): _S.ACTIVE,
+    (_S.ACTIVE, _T.VAPI_IN_PROGRESS): _S.ACTIVE,
+    (_S.ACTIVE, _T.MEDIA_CONNECTED): _S.ACTIVE,
+    **{(state, _T.FAIL): _S.FAILED for state in (_S.RINGING, _S.SETTING_UP, _S.READY, _S.ACTIVE)},
+    **{(state, _T.END): _S.ENDED for state in (_S.RINGING, _S.SETTING_UP, _S.READY, _S.ACTIVE)},
+    # over: a late report of the Vapi call changes nothing (the caller ends a call created too late)
+    **{(state, trigger): state for state in (_S.ENDED, _S.FAILED)
+       for trigger in (_T.VAPI_CALL_CREATED, _T.VAPI_IN_PROGRESS)},
 }
 
 
-class IllegalTransition(Exception):
-    def __init__(self, call_sid: str, current: CallState, wanted: CallState):
-        super().__init__(f"{call_sid}: {current.value} -> {wanted.value} is not allowed")
-        self.call_sid, self.current, self.wanted = call_sid, current, wanted
+def next_state(current: CallState, trigger: Trigger) -> CallState | None:
+    """Where ``trigger`` takes a call in ``current``; None: refused."""
+    return TRANSITIONS.get((current, trigger))
 
 
-def check_transition(call_sid: str, current: CallState, wanted: CallState) -> None:
-    if wanted not in ALLOWED[current]:
-        raise IllegalTransition(call_sid, current, wanted)
+class Outcome(str, enum.Enum):
+    MOVED = "moved"
+    ALREADY = "already"      # the trigger leaves the call where it is: nothing to do, nothing recorded
+    REJECTED = "rejected"    # not allowed from the current state: nothing changed
+    UNKNOWN = "unknown"      # no such call
+
+
+@dataclass(frozen=True)
+class Transition:
+    """What ``Store.transition(call_sid, trigger)`` did."""
+    outcome: Outcome
+    session: "Session | None" = None      # the session after (MOVED, ALREADY) or as it is (REJECTED)
+    previous: CallState | None = None     # the state it was in
+
+    @property
+    def moved(self) -> bool:
+        return self.outcome is Outcome.MOVED
+
+
+class Mode(str, enum.Enum):
+    STREAM = "stream"    # <Connect><Stream> to our bridge, relayed to Vapi's WebSocket transport
+    BYPASS = "bypass"    # Vapi answers the TwiML (phoneCallProviderBypassEnabled)
+    NATIVE = "native"    # the number is Vapi's own
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class SignalKind(str, enum.Enum):
+    """What the bridge tells whoever holds a call's media socket (here or on another instance)."""
+    INTERRUPT = "interrupt"   # barge-in: clear what Twilio still plays
+    SPEECH = "speech"         # a speech-update (the end of the caller's speech starts the latency clock)
+    END = "end"               # the call is over
+    READY = "ready"           # the call's state moved (ready, active, over): a waiting media socket looks again
 
 
 @dataclass
@@ -102,3 +167,39 @@ class Event:
 
 
 TERMINAL_TWILIO_STATUSES = frozenset({"completed", "busy", "no-answer", "canceled", "failed"})
+
+
+class EventType:
+    """Every event-log type the bridge writes, in one place (``tail``, the inspector and tests read
+    these names). Vapi's server messages are logged as ``vapi.<message type>`` (``vapi_message``)."""
+    TWILIO_VOICE = "twilio.voice"
+    TWILIO_STATUS = "twilio.status"
+    TWILIO_STATUS_DUPLICATE = "twilio.status.duplicate"
+    TWILIO_STATUS_STALE = "twilio.status.stale"
+    TWILIO_AFTER_STREAM = "twilio.after-stream"
+    STATE = "state"
+    STATE_REJECTED = "state.rejected"
+    VAPI_CALL_CREATED = "vapi.call-created"
+    VAPI_SETUP_FAILED = "vapi.setup-failed"
+    VAPI_END_FAILED = "vapi.end-failed"
+    VAPI_DUPLICATE = "vapi.duplicate"
+    VAPI_PARKED = "vapi.parked"
+    VAPI_REPORT = "vapi.report"
+    PARKED_EXPIRED = "parked.expired"
+    RACE_HANGUP_BEFORE_READY = "race.hangup-before-ready"
+    RACE_VAPI_CALL_AFTER_END = "race.vapi-call-after-end"
+    MEDIA_START = "media.start"
+    MEDIA_STOP = "media.stop"
+    MEDIA_REFUSED = "media.refused"
+    MEDIA_BAD_MESSAGE = "media.bad-message"
+    MEDIA_VAPI_OPEN = "media.vapi-open"
+    MEDIA_VAPI_CONNECT_FAILED = "media.vapi-connect-failed"
+    MEDIA_RELAY = "media.relay"
+    MEDIA_CLEAR = "media.clear"
+    MEDIA_FIRST_AUDIO = "media.first-audio"
+    MEDIA_DTMF = "media.dtmf"
+    BRIDGE_RECOVERED = "bridge.recovered"
+
+    @staticmethod
+    def vapi_message(kind: str) -> str:
+        return f"vapi.{kind}"

@@ -33,7 +33,7 @@ def tls_context() -> ssl.SSLContext:
     return httpx.create_ssl_context()   # what httpx would build for each client: certifi's CA bundle
 
 
-def async_client(**options) -> httpx.AsyncClient:
+def async_client(**options: Any) -> httpx.AsyncClient:
     from httpx_aiohttp import HttpxAiohttpClient
 
     limits = options.pop("limits", httpx.Limits(max_connections=100, max_keepalive_connections=100))
@@ -41,7 +41,7 @@ def async_client(**options) -> httpx.AsyncClient:
     return HttpxAiohttpClient(limits=limits, **options)
 
 
-def client(**options) -> httpx.Client:
+def client(**options: Any) -> httpx.Client:
     return httpx.Client(transport=httpx.HTTPTransport(socket_options=NODELAY), **options)
 
 

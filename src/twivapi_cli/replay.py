@@ -9,7 +9,6 @@ target itself by default): form bodies signed over URL + sorted params, JSON bod
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
 import time
 import uuid
@@ -21,7 +20,7 @@ from typing import Any
 import httpx
 import websockets
 
-from . import audio, net, signing
+from . import audio, net, signing, twilio_media
 from .errors import FixtureError, TargetUnreachable
 from .fixtures import TWILIO_WEBHOOKS, Fixture, Step, render
 from .sim.twilio_caller import FRAME, Player
@@ -115,30 +114,30 @@ class MediaSession:
         self.player = Player(self.result, self.send, stream_sid)
         self.tasks = [asyncio.create_task(self.player.run()), asyncio.create_task(self.receive())]
 
-    async def send(self, message: dict) -> None:
+    async def send(self, message: twilio_media.Message) -> None:
         self.sequence += 1
-        if message["event"] != "connected":
-            message["sequenceNumber"] = str(self.sequence)
         try:
-            await self.ws.send(json.dumps(message))
+            await self.ws.send(twilio_media.serialize(twilio_media.numbered(message, self.sequence)))
         except websockets.ConnectionClosed:
             self.closed.set()
 
     async def receive(self) -> None:
         try:
             async for raw in self.ws:
-                message = json.loads(raw)
-                event = message.get("event")
-                if event == "media":
+                try:
+                    message = twilio_media.parse(raw, max_payload=None)   # Twilio takes any size
+                except twilio_media.BadMessage:
+                    continue
+                if isinstance(message, twilio_media.Media):
                     self.media_times.append(time.monotonic())
-                    self.player.add_audio(base64.b64decode(message["media"]["payload"]))
-                elif event == "mark":
-                    self.marks_sent.append(message["mark"]["name"])
-                    self.player.add_mark(message["mark"]["name"])
-                elif event == "clear":
+                    self.player.add_audio(message.payload)
+                elif isinstance(message, twilio_media.Mark):
+                    self.marks_sent.append(message.name)
+                    self.player.add_mark(message.name)
+                elif isinstance(message, twilio_media.Clear):
                     self.result.clears.append(time.monotonic())
                     await self.player.clear()
-        except (websockets.ConnectionClosed, ValueError, KeyError):
+        except websockets.ConnectionClosed:
             pass
         finally:
             self.closed.set()
@@ -148,9 +147,8 @@ class MediaSession:
         for i in range(0, len(pcm_or_ulaw), FRAME):
             self.chunk += 1
             frame = pcm_or_ulaw[i:i + FRAME].ljust(FRAME, b"\xff")
-            await self.send({"event": "media", "streamSid": self.stream_sid, "media": {
-                "track": "inbound", "chunk": str(self.chunk), "timestamp": str(self.chunk * 20),
-                "payload": base64.b64encode(frame).decode()}})
+            await self.send(twilio_media.Media(self.stream_sid, frame, track="inbound", chunk=self.chunk,
+                                               timestamp=self.chunk * 20))
             await asyncio.sleep(max(0.0, start + (i // FRAME + 1) * seconds_per_frame - time.monotonic()))
 
     async def close(self) -> None:
@@ -339,9 +337,9 @@ class Runner:
             url = step.url or variables.get("stream_url")
             if not url:
                 return media, ["no stream URL: capture one from the voice TwiML or give url"]
-            public_ws = _websocket_url(self.public)
+            public_ws = twilio_media.ws_url(self.public)
             if url.startswith(public_ws):   # the public stream URL, reached through the target
-                sign_url, url = url, _websocket_url(self.target) + url[len(public_ws):]
+                sign_url, url = url, twilio_media.ws_url(self.target) + url[len(public_ws):]
             else:
                 sign_url = url
             headers = {"X-Twilio-Signature": signing.twilio_signature(self.creds.twilio_auth_token or "", sign_url, {})}
@@ -352,11 +350,9 @@ class Runner:
             stream_sid = "MZ" + uuid.uuid4().hex
             variables["stream_sid"] = stream_sid
             media = MediaSession(ws, stream_sid, variables["call_sid"], self.creds.account_sid)
-            await media.send({"event": "connected", "protocol": "Call", "version": "1.0.0"})
-            await media.send({"event": "start", "streamSid": stream_sid, "start": {
-                "accountSid": self.creds.account_sid, "streamSid": stream_sid, "callSid": variables["call_sid"],
-                "tracks": ["inbound"], "customParameters": {"callSid": variables["call_sid"]},
-                "mediaFormat": {"encoding": "audio/x-mulaw", "sampleRate": 8000, "channels": 1}}})
+            await media.send(twilio_media.Connected())
+            await media.send(twilio_media.Start(stream_sid, variables["call_sid"], self.creds.account_sid, ("inbound",),
+                                                {"callSid": variables["call_sid"]}))
             return media, self.check_media(step, media, time.monotonic())
         if media is None:
             return media, ["no media socket: add a media open step first"]
@@ -366,13 +362,12 @@ class Runner:
         elif step.media == "wait":
             await asyncio.sleep(step.ms / 1000)
         elif step.media == "dtmf":
-            await media.send({"event": "dtmf", "streamSid": media.stream_sid,
-                              "dtmf": {"track": "inbound_track", "digit": step.digit}})
+            await media.send(twilio_media.Dtmf(media.stream_sid, step.digit, track="inbound_track"))
         elif step.media == "mark":
-            await media.send({"event": "mark", "streamSid": media.stream_sid, "mark": {"name": step.mark or "m"}})
+            await media.send(twilio_media.Mark(media.stream_sid, step.mark or "m"))
         elif step.media == "stop":
-            await media.send({"event": "stop", "streamSid": media.stream_sid,
-                              "stop": {"accountSid": self.creds.account_sid, "callSid": media.call_sid}})
+            await media.send(twilio_media.Stop(media.stream_sid, call_sid=media.call_sid,
+                                               account_sid=self.creds.account_sid))
             try:
                 await asyncio.wait_for(media.closed.wait(), 2.0)
             except asyncio.TimeoutError:
@@ -481,6 +476,7 @@ class InProcess:
         """A started bridge for this fixture: (RunningServer, its URL)."""
         from .bridge.app import create_app
         from .bridge.server import bind, start_in_thread
+        from .cluster.local import LocalCluster
         from .config import Secret, Settings
         from .store.memory import MemoryStore
         from .vapi_api import VapiClient
@@ -498,12 +494,8 @@ class InProcess:
                             vapi_webhook_secret=Secret(self.state.vapi.webhook_secret),
                             vapi_assistant_id=assistant["id"], public_url=public, mode=fixture.mode,
                             vapi_phone_number_id=self._phone_number_id() if fixture.mode == "bypass" else None)
-        app = create_app(settings, MemoryStore(), VapiClient(self.sims.vapi_url, creds.vapi_api_key))
+        app = create_app(settings, MemoryStore(), LocalCluster(), VapiClient(self.sims.vapi_url, creds.vapi_api_key))
         return start_in_thread(app, sock=sock), public
 
 
-def _websocket_url(http_url: str) -> str:
-    """http://host -> ws://host, https://host -> wss://host; only the scheme changes (a host such
-    as ngrok's http-8080-....app keeps its name)."""
-    scheme, sep, rest = http_url.partition("://")
-    return {"http": "ws", "https": "wss"}.get(scheme, scheme) + sep + rest
+_websocket_url = twilio_media.ws_url   # its former name here (tests/test_replay.py imports it)

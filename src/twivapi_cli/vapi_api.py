@@ -35,6 +35,16 @@ def _error_text(response: httpx.Response) -> str:
     return f"HTTP {response.status_code}"
 
 
+def _retry_after(response: httpx.Response) -> float | None:
+    """Retry-After in seconds (the delta form; an HTTP date is treated as absent)."""
+    value = response.headers.get("retry-after", "")
+    try:
+        seconds = float(value)
+    except ValueError:
+        return None
+    return seconds if 0 <= seconds < 3600 else None
+
+
 def _with_id(call: Any) -> dict:
     """A created call must be an object with a string id (anything else: an error, never a crash)."""
     if not isinstance(call, dict) or not isinstance(call.get("id"), str) or not call["id"]:
@@ -56,33 +66,17 @@ class VapiClient:
         self.base_url = base_url.rstrip("/")
         self._api_key, self._timeout = api_key, timeout
         self._injected = client is not None
-        # One TLS context for the client and all its lanes: building one costs ~25 ms.
         self._verify = verify or (None if client else ssl.create_default_context())
         # httpx's API over aiohttp's transport: ~450 µs of CPU per POST /call instead of ~900 µs with
-        # httpx's own (benchmarks/bench_webhooks.py); call setup is the bridge's hottest path.
+        # httpx's own (benchmarks/bench_webhooks.py); call setup is the bridge's hottest path. One
+        # pool for every setup in flight (``max_connections``: TWIVAPI_SETUP_CONCURRENCY and a margin):
+        # aiohttp's connector, unlike httpcore's pool, does not scan its connections per request.
         self._client = client or HttpxAiohttpClient(
             base_url=self.base_url, timeout=timeout, verify=self._verify,
             limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections))
         self._headers = {"Authorization": f"Bearer {api_key}"}
-        self._lanes: list[VapiClient] = []
-
-    def lane(self) -> "VapiClient":
-        """A client with one keep-alive connection of its own, for one background worker.
-
-        httpx's pool checks every pooled connection on every request, so one big pool shared by
-        many concurrent workers costs more per request the busier it is; a lane per worker does not.
-        An injected client (tests) is shared as it is.
-        """
-        if self._injected:
-            return self
-        lane = VapiClient(self.base_url, self._api_key, timeout=self._timeout, max_connections=1,
-                          verify=self._verify)
-        self._lanes.append(lane)
-        return lane
 
     async def aclose(self) -> None:
-        for lane in self._lanes:
-            await lane.aclose()
         await self._client.aclose()
 
     async def request(self, method: str, path: str, *, json: Any = None, params: dict | None = None,
@@ -108,7 +102,7 @@ class VapiClient:
         if response.status_code >= 400:
             hint = "check VAPI_API_KEY" if response.status_code == 401 else None
             raise VapiApiError(f"Vapi {method} {path}: {_error_text(response)}", status=response.status_code,
-                               hint=hint)
+                               hint=hint, retry_after=_retry_after(response))
         if response.status_code == 204 or not response.content:
             return None
         try:

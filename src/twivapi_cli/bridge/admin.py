@@ -14,20 +14,22 @@ bearer token ``serve`` generates per run and writes, with the address, to ``<sta
 
 from __future__ import annotations
 
-import asyncio
 import hmac
 import json
 import time
-from typing import Any
+from typing import Any, AsyncIterator, Iterator
 
 from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from ..cluster import Dropped
+from ..models import Event
 from ..tail import Histogram
+from .deps import Deps
 from .http import error_response
 
 KEEPALIVE_S = 15.0
@@ -47,7 +49,7 @@ def _sse(kind: str, data: Any, seq: int | None = None) -> str:
     return f"{head}event: {kind}\ndata: {json.dumps(data, default=str, separators=(',', ':'))}\n\n"
 
 
-def _matches(event, call: str | None, kind: str | None, since: float | None) -> bool:
+def _matches(event: Event, call: str | None, kind: str | None, since: float | None) -> bool:
     return ((call is None or event.call_sid == call) and (kind is None or event.type.startswith(kind))
             and (since is None or event.received_at >= since))
 
@@ -55,7 +57,7 @@ def _matches(event, call: str | None, kind: str | None, since: float | None) -> 
 async def events(request: Request) -> Response:
     if not _authorized(request):
         return error_response(401, "unauthorized", "admin token missing or wrong (see bridge.json)")
-    bridge = request.app.state.bridge
+    bridge: Deps = request.app.state.bridge
     query = request.query_params
     try:
         after = int(query.get("after", "0"))
@@ -63,73 +65,24 @@ async def events(request: Request) -> Response:
     except ValueError:
         return error_response(400, "bad_request", "after must be an integer, since a number")
     call, kind, once = query.get("call"), query.get("type"), query.get("once") == "1"
-    if hasattr(bridge.store, "follow"):   # several instances: the shared log is the merged view
-        return _streaming(_follow_shared(bridge.store, after, call, kind, since, once))
-    subscription = bridge.recorder.subscribe()   # before the backlog: nothing falls between the two
-
-    async def stream():
-        last, dropped_seen = after, 0
-        try:
-            async for event in _backlog(bridge.store, after, call):
-                last = event.seq
-                if _matches(event, call, kind, since):
-                    yield _sse("event", event.to_dict(), event.seq)
-            if once:
-                return
-            while True:
-                try:
-                    event = await asyncio.wait_for(subscription.queue.get(), KEEPALIVE_S)
-                except asyncio.TimeoutError:
-                    yield ": keep-alive\n\n"
-                    continue
-                if subscription.dropped > dropped_seen:
-                    yield _sse("dropped", {"dropped": subscription.dropped - dropped_seen})
-                    dropped_seen = subscription.dropped
-                if event.seq is None or event.seq <= last:
-                    continue
-                last = event.seq
-                if _matches(event, call, kind, since):
-                    yield _sse("event", event.to_dict(), event.seq)
-        finally:
-            bridge.recorder.unsubscribe(subscription)
-
-    return _streaming(stream())
+    return StreamingResponse(_stream(bridge, after, call, kind, since, once), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-store"})
 
 
-def _streaming(body) -> StreamingResponse:
-    return StreamingResponse(body, media_type="text/event-stream", headers={"Cache-Control": "no-store"})
-
-
-async def _backlog(store, after: int, call: str | None):
-    last = after
-    while True:
-        batch = await store.events(last, call_sid=call, limit=1000)
-        for event in batch:
-            last = event.seq
-            yield event
-        if len(batch) < 1000:
-            return
-
-
-async def _follow_shared(store, after: int, call, kind, since, once: bool):
-    """Every instance's events, backlog then live, read from the shared log (a Redis Stream)."""
-    last = after
-    async for event in _backlog(store, after, call):
-        last = event.seq
-        if _matches(event, call, kind, since):
-            yield _sse("event", event.to_dict(), event.seq)
-    if once:
-        return
+async def _stream(bridge: Deps, after: int, call: str | None, kind: str | None, since: float | None,
+                  once: bool) -> AsyncIterator[str]:
+    """The event log from ``after``, then live (every instance's, when several share the store)."""
     quiet_since = time.monotonic()
-    async for event in store.follow(last):   # None: nothing new for a while
-        if event is None:
+    async for item in bridge.cluster.follow(bridge.store, after, call_sid=call, once=once):
+        if item is None:   # nothing new for a while
             if time.monotonic() - quiet_since >= KEEPALIVE_S:
                 quiet_since = time.monotonic()
                 yield ": keep-alive\n\n"
-        elif _matches(event, call, kind, since):
+        elif isinstance(item, Dropped):
+            yield _sse("dropped", {"dropped": item.count})
+        elif _matches(item, call, kind, since):
             quiet_since = time.monotonic()
-            yield _sse("event", event.to_dict(), event.seq)
-
+            yield _sse("event", item.to_dict(), item.seq)
 
 
 async def sessions(request: Request) -> JSONResponse:
@@ -157,10 +110,10 @@ async def latency(request: Request) -> JSONResponse:
 class _Collector:
     """Prometheus view of the recorder: built at scrape time from the same histograms tail shows."""
 
-    def __init__(self, bridge: Any, active: int):
+    def __init__(self, bridge: Deps, active: int):
         self.bridge, self.active = bridge, active
 
-    def collect(self):
+    def collect(self) -> Iterator[Metric]:
         latency = HistogramMetricFamily("twivapi_latency_ms", "Latency of the bridge's steps, ms", labels=["figure"])
         for name, histogram in self.bridge.recorder.latency.histograms.items():
             latency.add_metric([name], _buckets(histogram), sum_value=histogram.total)
@@ -187,7 +140,8 @@ class _Collector:
 
 
 def _buckets(histogram: Histogram) -> list[tuple[str, float]]:
-    out, cumulative = [], 0
+    out: list[tuple[str, float]] = []
+    cumulative = 0
     ordered = sorted(histogram.counts.items())
     index = 0
     for bound in PROM_BOUNDS_MS:
@@ -209,9 +163,9 @@ async def metrics(request: Request) -> Response:
 
 
 def create_admin_app(bridge_app: Starlette, token: str | None) -> Starlette:
-    """The admin app over a bridge app's state (same recorder, store and registry)."""
+    """The admin app over a bridge app's dependencies (same recorder, store and cluster)."""
     app = Starlette(routes=[Route("/events", events), Route("/sessions", sessions), Route("/latency", latency),
                             Route("/metrics", metrics)])
-    app.state.bridge = bridge_app.state
+    app.state.bridge = bridge_app.state.deps
     app.state.token = token
     return app

@@ -1,7 +1,15 @@
-"""The bridge's ASGI app: ``create_app(settings, store, vapi)``, explicit routes and dependencies.
+"""The bridge's ASGI app: ``create_app(settings, store, cluster, vapi)``, explicit routes and
+dependencies.
 
-No module-level app and no environment reads: everything the handlers need hangs off
-``app.state`` (settings, store, recorder, registry, vapi, tools), built here.
+No module-level app and no environment reads. Everything the handlers need is one frozen ``Deps``
+(``bridge/deps.py``), built here in dependency order, each part given what it uses through its
+constructor:
+
+    store, cluster ─> recorder ─> signals ─> calls ─> processor ─> drainer ─> setup ─> sweeper
+
+Requests flow the other way: a webhook handler (twilio_hooks, vapi_hooks) or the media socket
+(media) acks first, then moves calls (calls), queues Vapi messages (drain) or starts a setup
+(setup); the cluster carries signals and queues between instances.
 """
 
 from __future__ import annotations
@@ -9,24 +17,31 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-import uuid
-from typing import Any
+from typing import Any, AsyncIterator
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse
-from starlette.routing import Route
+from starlette.routing import BaseRoute, Route, WebSocketRoute
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .. import __version__
 from ..config import Settings
 from ..errors import StoreError
+from ..cluster import Cluster
+from ..models import Mode
 from ..store import Store
 from . import media, twilio_hooks, vapi_hooks
+from .calls import Calls
+from .deps import Deps, deps
+from .drain import Drainer
 from .events import Recorder
 from .http import HttpError, error_response
-from .sessions import CallRegistry
+from .setup import SetupPool
+from .signals import Signals
+from .sweeper import Sweeper
 from .tools import ToolRegistry
 
 log = logging.getLogger("twivapi.bridge")
@@ -35,21 +50,22 @@ log = logging.getLogger("twivapi.bridge")
 def check_settings(settings: Settings) -> None:
     """Fail at start, naming every variable a mode needs."""
     needed = ["twilio_auth_token", "vapi_webhook_secret"]
-    if settings.mode in ("stream", "bypass"):
+    if settings.mode in (Mode.STREAM, Mode.BYPASS):
         needed += ["vapi_api_key", "vapi_assistant_id"]
-    if settings.mode == "bypass":
+    if settings.mode == Mode.BYPASS:
         needed.append("vapi_phone_number_id")
     settings.require(*needed)
 
 
 async def health(request: Request) -> JSONResponse:
-    state = request.app.state
-    store = await state.store.health()
-    active = len(await state.store.active_sessions()) if store.get("ok") else None
-    body = {"status": "ok" if store.get("ok") else "degraded", "version": __version__, "mode": state.settings.mode,
-            "instance": state.instance, "active_sessions": active, "store": store,
-            "uptime_s": round(time.monotonic() - state.started, 1), **state.registry.stats()}
-    return JSONResponse(body, status_code=200 if store.get("ok") else 503)
+    bridge = deps(request)
+    store = await bridge.store.health()
+    active = len(await bridge.store.active_sessions()) if store.get("ok") else None
+    status = "draining" if bridge.lifecycle.draining else "ok" if store.get("ok") else "degraded"
+    body = {"status": status, "version": __version__, "mode": bridge.settings.mode,
+            "instance": bridge.instance, "active_sessions": active, "store": store,
+            "uptime_s": round(time.monotonic() - bridge.started, 1), **bridge.stats()}
+    return JSONResponse(body, status_code=200 if status == "ok" else 503)
 
 
 async def _http_error(request: Request, exc: HttpError) -> JSONResponse:
@@ -71,7 +87,7 @@ async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     return error_response(500, "internal_error", "internal error (logged)")
 
 
-def routes(extra: list | None = None) -> list:
+def routes(extra: list[BaseRoute] | None = None) -> list[BaseRoute]:
     table = [
         Route("/twilio/voice", twilio_hooks.voice, methods=["POST"]),
         Route("/twilio/status", twilio_hooks.status, methods=["POST"]),
@@ -86,15 +102,15 @@ class CountResponses:
     """ASGI middleware: responses by route and status, for /metrics (known routes only: a scanner
     hitting random paths must not grow the table)."""
 
-    def __init__(self, app, counts: dict, known: set[str]):
+    def __init__(self, app: ASGIApp, counts: dict[tuple[str, int], int], known: set[str]):
         self.app, self.counts, self.known = app, counts, known
 
-    async def __call__(self, scope, receive, send):
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         path = scope["path"] if scope["path"] in self.known else "other"
 
-        async def counting_send(message):
+        async def counting_send(message: Message) -> None:
             if message["type"] == "http.response.start":
                 key = (path, message["status"])
                 self.counts[key] = self.counts.get(key, 0) + 1
@@ -103,40 +119,47 @@ class CountResponses:
         await self.app(scope, receive, counting_send)
 
 
-def create_app(settings: Settings, store: Store, vapi: Any, *, tools: ToolRegistry | None = None,
-               instance: str | None = None, extra_routes: list | None = None) -> Starlette:
-    recorder = Recorder(store, instance or uuid.uuid4().hex[:8])
-    registry = CallRegistry(settings, store, recorder, vapi)
+def build_deps(settings: Settings, store: Store, cluster: Cluster, vapi: Any,
+               tools: ToolRegistry | None = None) -> Deps:
+    recorder = Recorder(store, cluster)
+    signals = Signals(store, cluster)
+    calls = Calls(store, recorder, signals, vapi)
+    drainer = Drainer(cluster.queues, vapi_hooks.MessageProcessor(store, calls, signals, recorder), recorder)
+    setup = SetupPool(settings, store, calls, drainer, recorder, vapi)
+    sweeper = Sweeper(settings, store, cluster, calls, setup, drainer, recorder)
+    return Deps(settings=settings, store=store, cluster=cluster, vapi=vapi, recorder=recorder, signals=signals,
+                calls=calls, drainer=drainer, setup=setup, sweeper=sweeper, tools=tools or ToolRegistry.default(),
+                started=time.monotonic())
+
+
+def create_app(settings: Settings, store: Store, cluster: Cluster, vapi: Any, *, tools: ToolRegistry | None = None,
+               extra_routes: list[BaseRoute] | None = None) -> Starlette:
+    bridge = build_deps(settings, store, cluster, vapi, tools)
 
     @contextlib.asynccontextmanager
-    async def lifespan(app: Starlette):
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
         await store.open()
-        registry.start()
+        await cluster.open(bridge.signals)
+        bridge.sweeper.start()
         try:
-            await registry.recover()
+            await bridge.sweeper.recover()
         except StoreError as exc:   # serve anyway: /health says the store is down
             log.warning("could not recover the previous run's sessions: %s", exc)
-        app.state.started = time.monotonic()
         try:
             yield
         finally:
-            await registry.stop()
+            await bridge.sweeper.stop()
+            await bridge.setup.stop()
+            await bridge.drainer.stop()
+            await bridge.calls.stop()
+            await cluster.close()
             await vapi.aclose()
             await store.close()
 
     table = routes(extra_routes)
-    http_counts: dict[tuple[str, int], int] = {}
-    app = Starlette(routes=table, lifespan=lifespan, exception_handlers={
-        HttpError: _http_error, HTTPException: _starlette_error, StoreError: _store_error, Exception: _unexpected},
-        middleware=[Middleware(CountResponses, counts=http_counts, known={r.path for r in table})])
-    app.state.http_counts = http_counts
-    app.state.settings = settings
-    app.state.store = store
-    app.state.recorder = recorder
-    app.state.registry = registry
-    registry.processor = vapi_hooks.MessageProcessor(app.state)
-    app.state.vapi = vapi
-    app.state.tools = tools or ToolRegistry.default()
-    app.state.instance = recorder.instance
-    app.state.started = time.monotonic()
+    handlers: dict[Any, Any] = {   # Starlette types handlers for Exception only; each takes its own class
+        HttpError: _http_error, HTTPException: _starlette_error, StoreError: _store_error, Exception: _unexpected}
+    app = Starlette(routes=table, lifespan=lifespan, exception_handlers=handlers,
+        middleware=[Middleware(CountResponses, counts=bridge.http_counts, known={r.path for r in table if isinstance(r, (Route, WebSocketRoute))})])
+    app.state.deps = bridge
     return app

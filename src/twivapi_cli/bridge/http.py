@@ -10,7 +10,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from .. import signing
-from ..config import Settings
+from ..config import Settings, revealed
+from ..twilio_media import ws_url
 
 log = logging.getLogger("twivapi.bridge")
 
@@ -51,7 +52,7 @@ def public_url_for(settings: Settings, url: URL, *, websocket: bool = False) -> 
     For the Media Streams handshake the scheme is wss:// (ws:// for a plain-http public URL)."""
     base = (settings.public_url or f"http://{settings.host}:{settings.port}").rstrip("/")
     if websocket:
-        base = "wss" + base[5:] if base.startswith("https") else "ws" + base[4:]
+        base = ws_url(base)
     return base + url.path + (f"?{url.query}" if url.query else "")
 
 
@@ -74,7 +75,7 @@ def check_twilio_signature(settings: Settings, request: Request, params: signing
     On failure, try the URLs Twilio may have signed instead and log which one matched and what to
     change; the request is refused either way. The expected signature is never logged.
     """
-    token = settings.twilio_auth_token.reveal()
+    token = revealed(settings.twilio_auth_token)
     url = url or public_url_for(settings, request.url)
     signature = request.headers.get(signing.TWILIO_SIGNATURE_HEADER)
     json_body = body if params is None else None

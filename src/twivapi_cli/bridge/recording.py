@@ -13,6 +13,9 @@ import json
 import re
 import time
 from pathlib import Path
+from typing import Any
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from urllib.parse import parse_qsl
 
 from ..fixtures import TWILIO_WEBHOOKS
@@ -21,7 +24,7 @@ SECRET_FIELD = re.compile(r"token|secret|signature|password|api_?key|authorizati
 ROUTES = {path: kind for kind, path in TWILIO_WEBHOOKS.items()}
 
 
-def scrub(value, call_sid: str | None, account_sid: str | None):
+def scrub(value: Any, call_sid: str | None, account_sid: str | None) -> Any:
     if isinstance(value, dict):
         return {k: scrub(v, call_sid, account_sid) for k, v in value.items() if not SECRET_FIELD.search(k)}
     if isinstance(value, list):
@@ -35,18 +38,18 @@ def scrub(value, call_sid: str | None, account_sid: str | None):
 
 
 class RecordWebhooks:
-    def __init__(self, app, out: Path):
+    def __init__(self, app: ASGIApp, out: Path):
         self.app, self.out = app, Path(out)
         self.out.mkdir(parents=True, exist_ok=True)
         self.first_seen: dict[str, float] = {}
 
-    async def __call__(self, scope, receive, send):
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = scope.get("path", "")
         if scope["type"] != "http" or scope.get("method") != "POST" or (path not in ROUTES and path != "/vapi/webhook"):
             return await self.app(scope, receive, send)
         chunks: list[bytes] = []
 
-        async def tee():
+        async def tee() -> Message:
             message = await receive()
             if message["type"] == "http.request":
                 chunks.append(message.get("body", b""))
@@ -54,7 +57,7 @@ class RecordWebhooks:
 
         status: list[int] = []
 
-        async def watch(message):
+        async def watch(message: Message) -> None:
             if message["type"] == "http.response.start":
                 status.append(message["status"])
             await send(message)
@@ -91,7 +94,7 @@ class RecordWebhooks:
 
     def _append(self, call_sid: str, step: dict) -> None:
         path = self.out / f"{call_sid}.json"
-        fixture = json.loads(path.read_text()) if path.exists() else {
+        fixture: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {
             "name": f"recorded-{call_sid[-8:]}", "description": "recorded by twivapi fixtures record", "steps": []}
         fixture["steps"].append(step)
         path.write_text(json.dumps(fixture, indent=2) + "\n")

@@ -15,14 +15,20 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Coroutine, TypeVar
 
 import uvicorn
+from starlette.types import ASGIApp
 
-from ..config import Settings
+from ..config import Settings, install_log_redaction
 from ..errors import TwivapiError
 from ..tail import BRIDGE_FILE
 
+if TYPE_CHECKING:
+    from .deps import Deps
+
 log = logging.getLogger("twivapi.bridge")
+T = TypeVar("T")
 
 
 # uvicorn closes an idle keep-alive connection after 5 s; the proxies in front of a bridge (ngrok, a
@@ -31,12 +37,12 @@ log = logging.getLogger("twivapi.bridge")
 KEEPALIVE_S = 75.0
 
 
-def _config(app, host: str, port: int, log_level: str, keepalive: float = KEEPALIVE_S) -> uvicorn.Config:
+def _config(app: ASGIApp, host: str, port: int, log_level: str, keepalive: float = KEEPALIVE_S) -> uvicorn.Config:
     # The access log is off: one line per webhook costs more than the webhook itself; the event log
     # (twivapi tail) records every request instead.
     return uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False,
                           lifespan="on", ws_max_size=1024 * 1024, timeout_graceful_shutdown=3,
-                          timeout_keep_alive=keepalive,
+                          timeout_keep_alive=keepalive,  # type: ignore[arg-type]  # typed int; a float works (call_later)
                           # 20 ms audio frames do not compress; deflating each one cost ~15% of the CPU
                           ws_per_message_deflate=False)
 
@@ -52,7 +58,7 @@ def _bind_or_explain(host: str, port: int, setting: str) -> socket.socket:
 class _QuietServer(uvicorn.Server):
     """A uvicorn server that leaves signals to us: two servers share one loop and one Ctrl-C."""
 
-    def capture_signals(self):
+    def capture_signals(self) -> contextlib.nullcontext[None]:   # type: ignore[override]
         return contextlib.nullcontext()
 
 
@@ -67,12 +73,15 @@ def write_bridge_file(state_dir: Path, admin_url: str, token: str, public_port: 
     return path
 
 
-def serve_forever(settings: Settings, *, log_level: str = "info", announce=print,
+def serve_forever(settings: Settings, *, log_level: str = "info", announce: Callable[[str], Any] = print,
                   record_to: Path | None = None) -> None:
-    """The public app on --host/--port and the admin app on 127.0.0.1:<admin port>, one event loop."""
+    """The public app on --host/--port and the admin app on 127.0.0.1:<admin port>, one event loop.
+    SIGTERM or Ctrl-C drains first (``lifecycle.py``); a second one stops at once."""
     from . import build_app
     from .admin import create_admin_app
+    from .lifecycle import drain, live_calls
 
+    install_log_redaction()
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app = build_app(settings)
     if record_to is not None:
@@ -91,13 +100,34 @@ def serve_forever(settings: Settings, *, log_level: str = "info", announce=print
              f"public URL {settings.public_url or '(not set)'}")
     announce(f"admin (loopback only): {admin_url}; token in {bridge_file}; watch it with `twivapi tail`")
 
+    bridge: Deps = app.state.deps
+
     async def main() -> None:
+        stopping = asyncio.Event()
+
+        def on_signal() -> None:
+            if stopping.is_set():   # the second one: stop now
+                for server in (public, admin):
+                    server.should_exit = server.force_exit = True
+            stopping.set()
+
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, lambda: setattr(public, "should_exit", True) or
-                                    setattr(admin, "should_exit", True))
+            loop.add_signal_handler(sig, on_signal)
         admin_task = asyncio.create_task(admin.serve(sockets=[admin_sock]))
-        await public.serve(sockets=[public_sock])
+        public_task = asyncio.create_task(public.serve(sockets=[public_sock]))
+        stop_task = asyncio.create_task(stopping.wait())
+        await asyncio.wait({public_task, stop_task}, return_when=asyncio.FIRST_COMPLETED)
+        if stop_task.done() and not public_task.done():
+            live = len(await live_calls(bridge.store, bridge.cluster))
+            announce(f"draining: /health answers 503; {live} live call(s) may go on for up to "
+                     f"{settings.drain_timeout:g} s (TWIVAPI_DRAIN_TIMEOUT); a second Ctrl-C stops at once")
+            ended = await drain(bridge.lifecycle, bridge.store, bridge.cluster, bridge.calls,
+                                settings.drain_timeout, announce)
+            announce(f"drained ({ended} call(s) ended at the deadline); stopping")
+            public.should_exit = True
+        stop_task.cancel()
+        await public_task
         admin.should_exit = True
         await admin_task
 
@@ -115,8 +145,9 @@ class RunningServer:
     port: int
     loop: asyncio.AbstractEventLoop | None = None
 
-    def run(self, coroutine_factory, timeout: float = 10):
+    def run(self, coroutine_factory: Callable[[], Coroutine[Any, Any, T]], timeout: float = 10) -> T:
         """Run a coroutine on the server's own event loop (e.g. read its store from a test)."""
+        assert self.loop is not None
         return asyncio.run_coroutine_threadsafe(coroutine_factory(), self.loop).result(timeout)
 
     @property
@@ -139,13 +170,12 @@ def bind(host: str = "127.0.0.1", port: int = 0) -> socket.socket:
     return sock
 
 
-def start_in_thread(app, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning",
+def start_in_thread(app: ASGIApp, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning",
                     sock: socket.socket | None = None, keepalive: float = KEEPALIVE_S) -> RunningServer:
     """Start ``app`` on its own event loop in a daemon thread; returns once it accepts connections."""
     sock = sock or bind(host, port)
     host = sock.getsockname()[0]
-    server = uvicorn.Server(_config(app, host, sock.getsockname()[1], log_level, keepalive))
-    server.install_signal_handlers = lambda: None  # only the main thread may; harmless elsewhere
+    server = _QuietServer(_config(app, host, sock.getsockname()[1], log_level, keepalive))   # signals: main thread's
 
     loops: list[asyncio.AbstractEventLoop] = []
 

@@ -73,7 +73,7 @@ class ToolRegistry:
 
     async def run_one(self, call: dict) -> dict:
         call_id = str(call.get("id", ""))
-        function = call.get("function") if isinstance(call.get("function"), dict) else call
+        function: dict = call["function"] if isinstance(call.get("function"), dict) else call
         name = str(function.get("name", ""))
         args = _arguments(function.get("arguments", function.get("parameters")))
         handler = self._handlers.get(name)

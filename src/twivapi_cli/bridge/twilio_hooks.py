@@ -7,18 +7,22 @@ import asyncio
 import json
 import re
 import time
+from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import Response
 from twilio.twiml.voice_response import VoiceResponse
 
 from ..errors import TwivapiError
-from ..models import TERMINAL_TWILIO_STATUSES, CallState, Session
+from ..models import TERMINAL_TWILIO_STATUSES, CallState, EventType, Mode, Session, Trigger
 from ..signing import Params
+from ..twilio_media import ws_url
+from .deps import deps
 from .http import HttpError, check_twilio_signature, parse_twilio_form, read_body, twiml
 
 CALL_SID = re.compile(r"CA[0-9a-zA-Z]{32}")
 IDEMPOTENCY_TTL = 24 * 3600.0
+DRAINED_PARAM = "drained"   # on a voice webhook redirected away from a draining instance: not again
 FALLBACK_TEXT = "Sorry, our assistant is not available right now. Please call again later."
 NATIVE_TEXT = "This number is answered by Vapi directly. Please point its voice URL at Vapi."
 
@@ -27,7 +31,7 @@ async def signed_params(request: Request) -> Params:
     """Read, bound, parse and authenticate a Twilio webhook; 4xx on anything wrong."""
     body = await read_body(request)
     params = parse_twilio_form(body, request.headers.get("content-type", ""))
-    check_twilio_signature(request.app.state.settings, request, params, body)
+    check_twilio_signature(deps(request).settings, request, params, body)
     if params is None:  # JSON body, already authenticated through bodySHA256
         try:
             data = json.loads(body)
@@ -57,10 +61,9 @@ def fallback_twiml() -> str:
 
 def stream_twiml(public_url: str, call_sid: str) -> str:
     base = public_url.rstrip("/")
-    ws_base = "wss" + base[5:] if base.startswith("https") else "ws" + base[4:]
     response = VoiceResponse()
     connect = response.connect(action=f"{base}/twilio/after-stream", method="POST")
-    stream = connect.stream(url=f"{ws_base}/twilio/media")
+    stream = connect.stream(url=f"{ws_url(base)}/twilio/media")
     stream.parameter(name="callSid", value=call_sid)
     return str(response)
 
@@ -70,71 +73,95 @@ async def _claim_retry(request: Request, scope: str) -> bool:
     token = request.headers.get("i-twilio-idempotency-token")
     if not token:
         return True
-    return await request.app.state.store.claim(f"twilio:{scope}:{token}", IDEMPOTENCY_TTL)
+    return await deps(request).store.claim(f"twilio:{scope}:{token}", IDEMPOTENCY_TTL)
 
 
 async def voice(request: Request) -> Response:
     received = time.time()
-    app = request.app.state
+    bridge = deps(request)
     params = await signed_params(request)
     call_sid = require_call_sid(params)
+    if bridge.lifecycle.draining and await bridge.store.get_session(call_sid) is None:
+        redirect = await _elsewhere(request)
+        if redirect is not None:
+            return twiml(redirect)
     first_delivery = await _claim_retry(request, "voice")
-    session = Session(call_sid=call_sid, mode=app.settings.mode, from_number=params.first("From"),
-                      to_number=params.first("To"), instance=app.instance)
-    created = await app.store.create_session(session)
-    event = await app.recorder.record("twilio.voice", call_sid, received_at=received, mode=session.mode,
-                                      retry=not first_delivery, new=created, **{"from": session.from_number})
+    session = Session(call_sid=call_sid, mode=bridge.settings.mode, from_number=params.first("From"),
+                      to_number=params.first("To"), instance=bridge.instance)
+    created = await bridge.store.create_session(session)
+    caller: dict[str, Any] = {"from": session.from_number}   # "from" is a keyword: passed as a dict
+    event = await bridge.recorder.record(EventType.TWILIO_VOICE, call_sid, received_at=received, mode=session.mode,
+                                         retry=not first_delivery, new=created, **caller)
     if created:
-        await app.registry.release(call_sid)
-    if app.settings.mode == "native":
+        await bridge.drainer.release(call_sid)
+    if created and bridge.lifecycle.draining:   # stopping, and no other instance to take the call
+        await bridge.calls.move(call_sid, Trigger.FAIL, reason="bridge-draining")
+        xml = fallback_twiml()
+    elif bridge.settings.mode == Mode.NATIVE:
         response = VoiceResponse()
         response.say(NATIVE_TEXT)
         xml = str(response)
-    elif app.settings.mode == "bypass":
+    elif bridge.settings.mode == Mode.BYPASS:
         xml = await _bypass(request, call_sid, session, created)
     else:
         xml = await _stream(request, call_sid, created)
-    await app.recorder.mark(event, acked=True)
+    await bridge.recorder.mark(event, acked=True)
     return twiml(xml)
 
 
+async def _elsewhere(request: Request) -> str | None:
+    """While draining: TwiML that sends a new call to another instance through the public URL (the
+    load balancer, seeing our 503, picks a live one), once; None when there is none to send it to."""
+    bridge = deps(request)
+    if DRAINED_PARAM in request.query_params or not bridge.settings.public_url:
+        return None
+    if await bridge.cluster.other_instances() == 0:
+        return None
+    response = VoiceResponse()
+    response.redirect(f"{bridge.settings.public_url}/twilio/voice?{DRAINED_PARAM}={bridge.instance}", method="POST")
+    return str(response)
+
+
 async def _stream(request: Request, call_sid: str, created: bool) -> str:
-    app = request.app.state
-    if created and not app.registry.request_setup(call_sid):
-        await app.registry.move(call_sid, CallState.FAILED, reason="overloaded")
+    bridge = deps(request)
+    if created and not bridge.setup.request(call_sid):
+        await bridge.calls.move(call_sid, Trigger.FAIL, reason="overloaded")
         return fallback_twiml()
-    existing = await app.store.get_session(call_sid)
+    existing = await bridge.store.get_session(call_sid)   # a retry: the fallback if its setup failed meanwhile
     if existing and existing.state == CallState.FAILED:
         return fallback_twiml()
-    return stream_twiml(app.settings.public_url or f"http://{app.settings.host}:{app.settings.port}", call_sid)
+    settings = bridge.settings
+    return stream_twiml(settings.public_url or f"http://{settings.host}:{settings.port}", call_sid)
 
 
 async def _bypass(request: Request, call_sid: str, session: Session, created: bool) -> str:
-    app = request.app.state
+    bridge = deps(request)
     if not created:  # a retry: answer what we answered before, create nothing twice
-        existing = await app.store.get_session(call_sid)
+        existing = await bridge.store.get_session(call_sid)
         return (existing.answer if existing and existing.answer else fallback_twiml())
-    await app.registry.move(call_sid, CallState.SETTING_UP)
+    await bridge.calls.move(call_sid, Trigger.SETUP_STARTED)
     started = time.monotonic()
+    settings = bridge.settings
     try:
-        call = await asyncio.wait_for(app.vapi.create_bypass_call(
-            app.settings.vapi_assistant_id, app.settings.vapi_phone_number_id, session.from_number or "",
-            metadata={"twilioCallSid": call_sid}), timeout=app.settings.bypass_timeout)
+        call = await asyncio.wait_for(bridge.vapi.create_bypass_call(
+            settings.vapi_assistant_id, settings.vapi_phone_number_id, session.from_number or "",
+            metadata={"twilioCallSid": call_sid}), timeout=settings.bypass_timeout)
     except (asyncio.TimeoutError, TwivapiError) as exc:
         reason = "vapi-timeout" if isinstance(exc, asyncio.TimeoutError) else "vapi-error"
-        await app.recorder.record("vapi.setup-failed", call_sid, error=reason if reason == "vapi-timeout" else str(exc))
-        await app.registry.move(call_sid, CallState.FAILED, reason=reason)
-        await app.store.update_session(call_sid, answer=fallback_twiml())
+        await bridge.recorder.record(EventType.VAPI_SETUP_FAILED, call_sid,
+                                     error=reason if reason == "vapi-timeout" else str(exc))
+        await bridge.calls.move(call_sid, Trigger.FAIL, reason=reason)
+        await bridge.store.update_session(call_sid, answer=fallback_twiml())
         return fallback_twiml()
     xml = call["phoneCallProviderDetails"]["twiml"]
-    await app.store.update_session(call_sid, answer=xml)
-    await app.registry.attach_vapi_call(call_sid, call, setup_ms=(time.monotonic() - started) * 1000)
+    await bridge.store.update_session(call_sid, answer=xml)
+    await bridge.setup.attach(call_sid, call, setup_ms=(time.monotonic() - started) * 1000)
     return xml
 
 
 async def status(request: Request) -> Response:
     received = time.time()
-    app = request.app.state
+    app = deps(request)
     params = await signed_params(request)
     call_sid = require_call_sid(params)
     call_status = params.first("CallStatus")
@@ -144,30 +171,31 @@ async def status(request: Request) -> Response:
     if sequence is not None and not sequence.isdigit():
         raise HttpError(400, "invalid_field", "SequenceNumber must be a whole number")
     if not await _claim_retry(request, "status"):
-        await app.recorder.record("twilio.status.duplicate", call_sid, received_at=received, status=call_status)
+        await app.recorder.record(EventType.TWILIO_STATUS_DUPLICATE, call_sid, received_at=received,
+                                  status=call_status)
         return Response(status_code=204)
-    event = await app.recorder.record("twilio.status", call_sid, received_at=received, status=call_status,
+    event = await app.recorder.record(EventType.TWILIO_STATUS, call_sid, received_at=received, status=call_status,
                                       sequence=sequence)
     await app.recorder.mark(event, acked=True)
     session = await app.store.get_session(call_sid)
     if session is None:
         return Response(status_code=204)
     if sequence is not None and not await app.store.apply_status_sequence(call_sid, int(sequence)):
-        await app.recorder.record("twilio.status.stale", call_sid, status=call_status, sequence=sequence)
+        await app.recorder.record(EventType.TWILIO_STATUS_STALE, call_sid, status=call_status, sequence=sequence)
         return Response(status_code=204)
     if call_status in TERMINAL_TWILIO_STATUSES:
-        await app.registry.end(call_sid, f"twilio-{call_status}")
+        await app.calls.end(call_sid, f"twilio-{call_status}")
     await app.recorder.mark(event, processed=True)
     return Response(status_code=204)
 
 
 async def after_stream(request: Request) -> Response:
     """Twilio asks what to do once our <Connect><Stream> ended: the fallback if setup failed."""
-    app = request.app.state
+    app = deps(request)
     params = await signed_params(request)
     call_sid = require_call_sid(params)
     session = await app.store.get_session(call_sid)
-    await app.recorder.record("twilio.after-stream", call_sid, state=session.state.value if session else None)
+    await app.recorder.record(EventType.TWILIO_AFTER_STREAM, call_sid, state=session.state.value if session else None)
     if session is not None and session.state == CallState.FAILED:
         return twiml(fallback_twiml())
     response = VoiceResponse()

@@ -18,8 +18,14 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from .. import signing
-from ..models import CallState
+from ..config import revealed
+from ..models import EventType, Session, SignalKind, Trigger
+from ..store import Store
+from .calls import Calls
+from .deps import Deps, deps
+from .events import Recorder
 from .http import HttpError, read_body
+from .signals import Signals
 
 log = logging.getLogger("twivapi.bridge")
 DUPLICATE_TTL = 3600.0   # seconds a delivered message is remembered (Vapi's retries come within seconds)
@@ -55,13 +61,15 @@ def call_ids(message: dict) -> tuple[str | None, str | None]:
     """(Twilio CallSid, Vapi call id). The CallSid is call.phoneCallProviderId, or the metadata we
     set in assistantOverrides on POST /call (WebSocket-transport calls have no provider id)."""
     call = message.get("call") or {}
-    overrides = call.get("assistantOverrides") if isinstance(call.get("assistantOverrides"), dict) else {}
-    metadata = overrides.get("metadata") if isinstance(overrides.get("metadata"), dict) else {}
-    if not metadata and isinstance(call.get("metadata"), dict):
-        metadata = call["metadata"]
+    overrides = _object(call.get("assistantOverrides"))
+    metadata = _object(overrides.get("metadata")) or _object(call.get("metadata"))
     call_sid = call.get("phoneCallProviderId") or metadata.get("twilioCallSid")
     vapi_id = call.get("id")
     return (str(call_sid) if call_sid else None, str(vapi_id) if vapi_id else None)
+
+
+def _object(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
 
 
 def _summary(message: dict) -> dict[str, Any]:
@@ -71,9 +79,9 @@ def _summary(message: dict) -> dict[str, Any]:
 
 async def webhook(request: Request) -> Response:
     received = time.time()
-    app = request.app.state
+    app = deps(request)
     body = await read_body(request)
-    ok, how = signing.verify_vapi(app.settings.vapi_webhook_secret.reveal(), request.headers, body)
+    ok, how = signing.verify_vapi(revealed(app.settings.vapi_webhook_secret), request.headers, body)
     if not ok:
         log.warning("403 /vapi/webhook: %s", how)
         raise HttpError(403, "bad_signature", "Vapi webhook credential is missing or invalid")
@@ -85,18 +93,18 @@ async def webhook(request: Request) -> Response:
         first = await _first_delivery(app.store, body)
         if first:
             await _interrupt_now(app, message, call_sid, vapi_id, received)
-    event = await app.recorder.record(f"vapi.{kind}", call_sid, received_at=received, vapi_call_id=vapi_id,
+    event = await app.recorder.record(EventType.vapi_message(kind), call_sid, received_at=received, vapi_call_id=vapi_id,
                                       **_summary(message))
-    reply = await _answer(request, kind, message)
+    reply = await _answer(app, kind, message)
     if reply is None:
         reply = {}
         if first is None:
             first = await _first_delivery(app.store, body)
         if first:
-            await _dispatch(request, message, call_sid, vapi_id, event)
+            await _dispatch(app, message, call_sid, vapi_id, event)
         else:
             session = await _session_for(app.store, message)
-            await app.recorder.record("vapi.duplicate", session.call_sid if session else call_sid, type=kind,
+            await app.recorder.record(EventType.VAPI_DUPLICATE, session.call_sid if session else call_sid, type=kind,
                                       of=event.seq)
             await app.recorder.mark_processed(event.seq)
     await app.recorder.mark(event, acked=True)
@@ -108,26 +116,26 @@ def _is_barge_in(message: dict) -> bool:
         message["type"] == "speech-update" and message.get("role") == "user" and message.get("status") == "started")
 
 
-async def _interrupt_now(app, message: dict, call_sid: str | None, vapi_id: str | None, received: float) -> None:
+async def _interrupt_now(app: Deps, message: dict, call_sid: str | None, vapi_id: str | None,
+                         received: float) -> None:
     """Barge-in skips the call's queue: the media socket (here or on another instance) clears at
     once. Safe out of order: an interruption only drops what is queued to play."""
     if call_sid is None and vapi_id:
         session = await app.store.find_session(vapi_call_id=vapi_id)
         call_sid = session.call_sid if session else None
     if call_sid:
-        await app.registry.signal(call_sid, "interrupt", {"source": "webhook", "type": message["type"],
-                                                          "turn": message.get("turn"), "at": received})
+        await app.signals.send(call_sid, SignalKind.INTERRUPT, {"source": "webhook", "type": message["type"],
+                                                                "turn": message.get("turn"), "at": received})
 
 
-async def _first_delivery(store, body: bytes) -> bool:
+async def _first_delivery(store: Store, body: bytes) -> bool:
     """Vapi retries a message (``server.backoffPlan``) with the same body: its digest is the
     message's idempotency key. Requests (tool calls...) are answered again rather than remembered."""
     return await store.claim("vapi:" + hashlib.sha256(body).hexdigest()[:32], DUPLICATE_TTL)
 
 
-async def _answer(request: Request, kind: str, message: dict) -> dict | None:
+async def _answer(app: Deps, kind: str, message: dict) -> dict | None:
     """Replies for the request-type messages; None for informational ones."""
-    app = request.app.state
     if kind == "assistant-request":
         if app.settings.vapi_assistant_id:
             return {"assistantId": app.settings.vapi_assistant_id}
@@ -148,19 +156,18 @@ async def _answer(request: Request, kind: str, message: dict) -> dict | None:
     return None
 
 
-async def _dispatch(request: Request, message: dict, call_sid: str | None, vapi_id: str | None, event) -> None:
-    app = request.app.state
+async def _dispatch(app: Deps, message: dict, call_sid: str | None, vapi_id: str | None, event: Any) -> None:
     session = await _session_for(app.store, message)
     key = session.call_sid if session else (call_sid or vapi_id)
     if key is None:
         await app.recorder.mark(event, processed=True)  # not about a call: nothing to apply
         return
     item = {"message": message, "seq": event.seq}
-    if await app.registry.submit(key, item, parked=session is None) and session is None:
-        await app.recorder.record("vapi.parked", call_sid, key=key, type=message["type"])
+    if await app.drainer.submit(key, item, parked=session is None) and session is None:
+        await app.recorder.record(EventType.VAPI_PARKED, call_sid, key=key, type=message["type"])
 
 
-async def _session_for(store, message: dict):
+async def _session_for(store: Store, message: dict) -> Session | None:
     call_sid, vapi_id = call_ids(message)
     session = (await store.get_session(call_sid)) if call_sid else None
     if session is None and vapi_id:
@@ -168,58 +175,56 @@ async def _session_for(store, message: dict):
     return session
 
 
-async def _end_late_vapi_call(app, message: dict, session) -> bool:
-    """A Vapi call going live for a call that is already over (say its POST /call answered after
-    our deadline, so we never learnt its id): end it rather than leave it running. True if so."""
-    call = message.get("call") or {}
-    if message["type"] != "status-update" or message.get("status") not in ("queued", "ringing", "in-progress"):
-        return False
-    if not isinstance(call.get("monitor"), dict) or not call["monitor"].get("controlUrl"):
-        return False
-    await app.recorder.record("race.vapi-call-after-end", session.call_sid, vapi_call_id=call.get("id"),
-                              state=session.state.value)
-    await app.registry.end_vapi_call(session.call_sid, call)
-    return True
-
-
 class MessageProcessor:
-    """Applies queued messages for the call registry: one at a time per call, in order."""
+    """Applies queued messages for the drainer: one at a time per call, in order."""
 
-    def __init__(self, app_state):
-        self.app = app_state
+    def __init__(self, store: Store, calls: Calls, signals: Signals, recorder: Recorder):
+        self.store, self.calls, self.signals, self.recorder = store, calls, signals, recorder
 
     async def known(self, item: dict) -> bool:
-        return await _session_for(self.app.store, item["message"]) is not None
+        return await _session_for(self.store, item["message"]) is not None
 
     async def apply(self, item: dict) -> bool:
-        session = await _session_for(self.app.store, item["message"])
+        session = await _session_for(self.store, item["message"])
         if session is None:
             return False
-        await process(self.app, item["message"], session)
-        await self.app.recorder.mark_processed(item["seq"])
+        await self.process(item["message"], session)
+        await self.recorder.mark_processed(item["seq"])
         return True
 
+    async def process(self, message: dict, session: Session) -> None:
+        """Apply one message to its call's session (on the call's queue, one at a time)."""
+        kind = message["type"]
+        sid = session.call_sid
+        if session.state.terminal and await self._end_late_vapi_call(message, session):
+            return
+        if kind == "status-update":
+            status = message.get("status")
+            if status == "in-progress":
+                await self.calls.move(sid, Trigger.VAPI_IN_PROGRESS)
+            elif status == "ended":
+                await self.calls.end(sid, str(message.get("endedReason") or "vapi-ended"))
+        elif kind == "end-of-call-report":
+            metrics = ((message.get("artifact") or {}).get("performanceMetrics") or {})
+            await self.recorder.record(EventType.VAPI_REPORT, sid, ended_reason=message.get("endedReason"),
+                                       turn_latency_avg=metrics.get("turnLatencyAverage"))
+            await self.calls.end(sid, str(message.get("endedReason") or "end-of-call-report"))
+        elif _is_barge_in(message):
+            pass   # signalled on arrival (_interrupt_now)
+        elif kind == "speech-update":
+            await self.signals.send(sid, SignalKind.SPEECH, {
+                "role": message.get("role"), "status": message.get("status"), "turn": message.get("turn"),
+                "source": "webhook", "at": time.time()})
 
-async def process(app, message: dict, session) -> None:
-    """Apply one message to its call's session (on the call's queue, one at a time)."""
-    kind = message["type"]
-    sid = session.call_sid
-    if session.state.terminal and await _end_late_vapi_call(app, message, session):
-        return
-    if kind == "status-update":
-        status = message.get("status")
-        if status == "in-progress" and session.state in (CallState.READY, CallState.SETTING_UP):
-            await app.registry.move(sid, CallState.ACTIVE)
-        elif status == "ended":
-            await app.registry.end(sid, str(message.get("endedReason") or "vapi-ended"))
-    elif kind == "end-of-call-report":
-        metrics = ((message.get("artifact") or {}).get("performanceMetrics") or {})
-        await app.recorder.record("vapi.report", sid, ended_reason=message.get("endedReason"),
-                                  turn_latency_avg=metrics.get("turnLatencyAverage"))
-        await app.registry.end(sid, str(message.get("endedReason") or "end-of-call-report"))
-    elif _is_barge_in(message):
-        pass   # signalled on arrival (_interrupt_now)
-    elif kind == "speech-update":
-        await app.registry.signal(sid, "speech", {"role": message.get("role"), "status": message.get("status"),
-                                                  "turn": message.get("turn"), "source": "webhook",
-                                                  "at": time.time()})
+    async def _end_late_vapi_call(self, message: dict, session: Session) -> bool:
+        """A Vapi call going live for a call that is already over (say its POST /call answered after
+        our deadline, so we never learnt its id): end it rather than leave it running. True if so."""
+        call = message.get("call") or {}
+        if message["type"] != "status-update" or message.get("status") not in ("queued", "ringing", "in-progress"):
+            return False
+        if not isinstance(call.get("monitor"), dict) or not call["monitor"].get("controlUrl"):
+            return False
+        await self.recorder.record(EventType.RACE_VAPI_CALL_AFTER_END, session.call_sid, vapi_call_id=call.get("id"),
+                                   state=session.state.value)
+        await self.calls.end_vapi_call(session.call_sid, call)
+        return True

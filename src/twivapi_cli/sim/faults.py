@@ -37,13 +37,19 @@ import itertools
 import json
 import random
 import threading
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any, Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from starlette.routing import BaseRoute
+    from starlette.types import ASGIApp, Receive, Scope, Send
 
 HTTP_KINDS = ("latency", "status", "garbage", "hang")
 KINDS = HTTP_KINDS + ("drop_ws", "webhook")
 WEBHOOK_ACTIONS = ("delay", "duplicate", "drop", "reorder")
 CONTROL_PATH = "/_sim/faults"
+BeforeSend = Callable[[Any], Awaitable[list[Any]]]   # a webhook hook: message -> the deliveries to make
 GARBAGE = "<html><head><title>502 Bad Gateway</title></head><body><center><h1>502 Bad Gateway</h1></center></body></html>"
 
 
@@ -78,7 +84,7 @@ class FaultRule:
     def matches(self, method: str, path: str) -> bool:
         return self.method in ("*", method.upper()) and fnmatch.fnmatchcase(path, self.path)
 
-    def to_json(self) -> dict:
+    def to_json(self) -> dict[str, Any]:
         data = asdict(self)
         data["remaining"] = None if self.count is None else self.count - self.fired
         return data
@@ -137,7 +143,7 @@ class Faults:
         rule = self.take("WS", path, ("drop_ws",))
         return None if rule is None else rule.frames
 
-    def webhook_sender(self, target_path: str | Callable[[], str]) -> Callable[[Any], Awaitable[list]]:
+    def webhook_sender(self, target_path: str | Callable[[], str]) -> BeforeSend:
         """A ``before_send`` hook for one webhook sender (one call): returns the deliveries to make.
 
         ``target_path`` is the path of the URL the webhooks go to (or a function giving it). The hook
@@ -145,7 +151,7 @@ class Faults:
         """
         held: list[Any] = []
 
-        async def before_send(message: Any) -> list:
+        async def before_send(message: Any) -> list[Any]:
             path = target_path() if callable(target_path) else target_path
             kind = _message_type(message)
             rule = self.take("POST", path, ("webhook",),
@@ -171,7 +177,8 @@ class Faults:
 
 def _message_type(message: Any) -> str | None:
     if isinstance(message, dict):
-        inner = message.get("message") if isinstance(message.get("message"), dict) else message
+        nested = message.get("message")
+        inner = nested if isinstance(nested, dict) else message
         return inner.get("type") or inner.get("CallStatus")
     return None
 
@@ -182,11 +189,11 @@ ErrorBody = Callable[[int], Any]
 class FaultMiddleware:
     """Pure ASGI middleware: applies HTTP fault rules before the app sees the request."""
 
-    def __init__(self, app, faults: Faults, error_body: ErrorBody | None = None):
+    def __init__(self, app: ASGIApp, faults: Faults, error_body: ErrorBody | None = None):
         self.app, self.faults = app, faults
         self.error_body = error_body or (lambda status: {"status": status, "message": "simulated fault"})
 
-    async def __call__(self, scope, receive, send) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"].startswith("/_sim/"):
             await self.app(scope, receive, send)
             return
@@ -201,7 +208,7 @@ class FaultMiddleware:
         else:
             await self._respond(rule, send)
 
-    async def _respond(self, rule: FaultRule, send) -> None:
+    async def _respond(self, rule: FaultRule, send: Send) -> None:
         if rule.kind == "garbage":
             status = rule.status or 200
             body = (rule.body if isinstance(rule.body, str) else GARBAGE).encode()
@@ -217,18 +224,18 @@ class FaultMiddleware:
         await send({"type": "http.response.body", "body": body})
 
 
-async def _hang(receive, seconds: float) -> None:
+async def _hang(receive: Receive, seconds: float) -> None:
     """Answer nothing: wait until the client disconnects or ``seconds`` pass."""
     async def until_disconnect() -> None:
         while (await receive())["type"] != "http.disconnect":
             pass
     try:
         await asyncio.wait_for(until_disconnect(), seconds)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         pass
 
 
-def control_routes(faults: Faults) -> list:
+def control_routes(faults: Faults) -> list[BaseRoute]:
     """The ``/_sim/faults`` control API (no auth: the simulators listen on loopback only)."""
     from starlette.requests import Request
     from starlette.responses import JSONResponse

@@ -14,9 +14,7 @@ What the caller heard, and when, is kept in the ``CallResult``.
 from __future__ import annotations
 
 import asyncio
-import base64
 import collections
-import json
 import time
 import uuid
 import xml.etree.ElementTree as ET
@@ -26,7 +24,8 @@ from typing import Any, Awaitable, Callable
 import httpx
 import websockets
 
-from .. import net, signing
+from .. import net, signing, twilio_media
+from ..twilio_media import Clear, Connected, Dtmf, Mark, Media, Start, Stop
 
 FRAME = 160            # 20 ms of mu-law
 FRAME_S = 0.02
@@ -79,7 +78,7 @@ class CallerPlan:
 class Player:
     """Twilio's playback buffer for one stream: plays at 1x, echoes marks, obeys clear."""
 
-    def __init__(self, result: CallResult, send: Callable[[dict], Awaitable[None]], stream_sid: str):
+    def __init__(self, result: CallResult, send: Callable[[twilio_media.Message], Awaitable[None]], stream_sid: str):
         self.result, self.send, self.stream_sid = result, send, stream_sid
         self.buffer: collections.deque[tuple[str, Any]] = collections.deque()
         self.wake = asyncio.Event()
@@ -103,7 +102,7 @@ class Player:
 
     async def echo(self, name: str) -> None:
         self.result.marks_echoed.append(name)
-        await self.send({"event": "mark", "streamSid": self.stream_sid, "mark": {"name": name}})
+        await self.send(Mark(self.stream_sid, name))
 
     async def run(self) -> None:
         next_at = time.monotonic()
@@ -250,22 +249,20 @@ class SimulatedCaller:
             return
         sequence = 0
 
-        async def send(message: dict) -> None:
+        async def send(message: twilio_media.Message | dict) -> None:
+            """Numbered like Twilio's; a message given as its JSON dict (by a subclass's _speak) is read first."""
             nonlocal sequence
+            if isinstance(message, dict):
+                message = twilio_media.from_wire(message, max_payload=None)
             sequence += 1
-            if message["event"] != "connected":
-                message["sequenceNumber"] = str(sequence)
             try:
-                await ws.send(json.dumps(message))
+                await ws.send(twilio_media.serialize(twilio_media.numbered(message, sequence)))
             except websockets.ConnectionClosed:
                 pass
 
         player = Player(result, send, stream_sid)
-        await send({"event": "connected", "protocol": "Call", "version": "1.0.0"})
-        await send({"event": "start", "streamSid": stream_sid, "start": {
-            "accountSid": self.account_sid, "streamSid": stream_sid, "callSid": result.call_sid,
-            "tracks": ["inbound"], "customParameters": custom,
-            "mediaFormat": {"encoding": "audio/x-mulaw", "sampleRate": 8000, "channels": 1}}})
+        await send(Connected())
+        await send(Start(stream_sid, result.call_sid, self.account_sid, ("inbound",), custom))
         result.note("stream-start", stream_sid)
         tasks = [asyncio.create_task(player.run()),
                  asyncio.create_task(self._speak(send, stream_sid, plan, result, ws))]
@@ -283,28 +280,27 @@ class SimulatedCaller:
 
     async def _on_server_message(self, raw: Any, player: Player, result: CallResult) -> None:
         try:
-            message = json.loads(raw)
-            event = message["event"]
-        except (ValueError, TypeError, KeyError):
-            result.errors.append("server sent a non-JSON or eventless frame")
+            message = twilio_media.parse(raw, max_payload=None)   # Twilio takes any size from a server
+        except twilio_media.BadMessage as exc:
+            result.errors.append(f"server sent a bad message: {exc.reason}")
             return
-        if event == "media":
-            payload = base64.b64decode(message["media"]["payload"])
+        if isinstance(message, Media):
+            payload = message.payload
             if result.clears and player.cleared_at is not None:
                 result.media_after_clear += 1
             player.add_audio(payload)
             if len(result.received) == len(payload):
                 result.note("first-audio")
-        elif event == "mark":
-            player.add_mark(message["mark"]["name"])
-        elif event == "clear":
+        elif isinstance(message, Mark):
+            player.add_mark(message.name)
+        elif isinstance(message, Clear):
             result.clears.append(time.monotonic())
             result.clear_positions.append(len(result.heard))
             player.cleared_at = time.monotonic()
             result.note("clear")
             await player.clear()
         else:
-            result.errors.append(f"unknown event from server: {event}")
+            result.errors.append(f"unknown event from server: {message.event}")
 
     async def _speak(self, send, stream_sid: str, plan: CallerPlan, result: CallResult, ws) -> None:
         started = time.monotonic()
@@ -321,14 +317,10 @@ class SimulatedCaller:
                 result.note("socket-dropped")
                 ws.transport.abort()  # no close frame: the connection just dies
                 return
-            await send({"event": "media", "streamSid": stream_sid, "media": {
-                "track": "inbound", "chunk": str(chunk), "timestamp": str(chunk * 20),
-                "payload": base64.b64encode(frame).decode()}})
+            await send(Media(stream_sid, frame, track="inbound", chunk=chunk, timestamp=chunk * 20))
             while dtmf and dtmf[0][0] <= chunk * FRAME_S:
-                await send({"event": "dtmf", "streamSid": stream_sid,
-                            "dtmf": {"track": "inbound_track", "digit": dtmf.pop(0)[1]}})
+                await send(Dtmf(stream_sid, dtmf.pop(0)[1], track="inbound_track"))
             target = started + chunk * FRAME_S / plan.speed
             await asyncio.sleep(max(0.0, target - time.monotonic()))
         result.note("caller-hangup")
-        await send({"event": "stop", "streamSid": stream_sid,
-                    "stop": {"accountSid": self.account_sid, "callSid": result.call_sid}})
+        await send(Stop(stream_sid, call_sid=result.call_sid, account_sid=self.account_sid))

@@ -25,7 +25,8 @@ import base64
 import binascii
 import hmac
 import re
-from typing import Any, Awaitable, Callable
+from collections.abc import Awaitable, Callable
+from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
 from starlette.applications import Starlette
@@ -349,8 +350,9 @@ class TwilioApi:
 
     async def list_numbers(self, request: Request, form: Form) -> Response:
         numbers = list(self.twilio.numbers.values())
-        if form.get("PhoneNumber"):
-            wanted = re.compile(re.escape(form.get("PhoneNumber")).replace(r"\*", r"\d"))
+        pattern = form.get("PhoneNumber")
+        if pattern:
+            wanted = re.compile(re.escape(pattern).replace(r"\*", r"\d"))
             numbers = [n for n in numbers if wanted.search(n["phone_number"])]
         if form.get("FriendlyName"):
             numbers = [n for n in numbers if n["friendly_name"] == form.get("FriendlyName")]
@@ -365,7 +367,8 @@ class TwilioApi:
             if phone not in self.twilio.offered or self.twilio.number_by_phone(phone):
                 raise TwilioError(400, 21422, "PhoneNumber is not available")
         elif area:
-            phone = self.twilio.fresh_number(_area_code(area, False))
+            _area_code(area, False)   # an invalid one is a 400
+            phone = self.twilio.fresh_number(area)
         else:
             raise TwilioError(400, 21421, "A PhoneNumber or an AreaCode is required")
         number = new_number(self.state.credentials.account_sid, phone, values)

@@ -22,10 +22,11 @@ import json
 import logging
 import time
 import uuid
+from collections.abc import Callable, Coroutine, MutableMapping
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable
+from typing import Any, Protocol
 
-from starlette.websockets import WebSocket, WebSocketDisconnect
+from starlette.websockets import WebSocketDisconnect
 
 from .. import audio
 
@@ -49,7 +50,7 @@ class Script:
     tools: list[str] = field(default_factory=list)
 
     @classmethod
-    def from_assistant(cls, assistant: dict | None) -> "Script":
+    def from_assistant(cls, assistant: dict[str, Any] | None) -> Script:
         assistant = assistant or {}
         options = ((assistant.get("metadata") or {}).get("simulator") or {})
         tools = [t.get("function", {}).get("name") for t in (assistant.get("model") or {}).get("tools", [])
@@ -58,13 +59,23 @@ class Script:
         return cls(tools=tools, **known)
 
 
-Poster = Callable[[dict], Awaitable[Any]]
+Poster = Callable[[dict[str, Any]], Coroutine[Any, Any, Any]]   # a server message -> the server's reply
+
+
+class AssistantSocket(Protocol):
+    """What the assistant needs of its socket: starlette's ``WebSocket`` or ``TwilioStreamAdapter``."""
+
+    async def accept(self) -> None: ...
+    async def receive(self) -> MutableMapping[str, Any]: ...
+    async def send_text(self, data: str, /) -> None: ...
+    async def send_bytes(self, data: bytes, /) -> None: ...
+    async def close(self, code: int = 1000) -> None: ...
 
 
 class FormatCodec:
     """Caller audio in / assistant audio out in the call's negotiated format."""
 
-    def __init__(self, audio_format: dict | None):
+    def __init__(self, audio_format: dict[str, Any] | None):
         fmt = audio_format or {}
         self.mulaw = fmt.get("format", "pcm_s16le") == "mulaw"
         self.rate = int(fmt.get("sampleRate") or (8000 if self.mulaw else 16000))
@@ -80,30 +91,38 @@ class FormatCodec:
 
 
 class SimulatedAssistant:
-    def __init__(self, call: dict, post: Poster | None, script: Script, *, drop_after_frames: int | None = None):
+    def __init__(self, call: dict[str, Any], post: Poster | None, script: Script, *,
+                 drop_after_frames: int | None = None):
         self.call, self.post, self.script = call, post, script
         self.drop_after_frames = drop_after_frames   # fault injection: the socket dies mid-call
         self.codec = FormatCodec((call.get("transport") or {}).get("audioFormat"))
-        self.ws: WebSocket | None = None
-        self.speaking: asyncio.Task | None = None
+        self.ws: AssistantSocket | None = None
+        self.speaking: asyncio.Task[None] | None = None
         self.turn = 0
         self.turn_id = uuid.uuid4().hex[:12]
         self.voiced = self.silent = 0
         self.user_talking = False
         self.user_stopped_at: float | None = None
         self.user_started_at: float | None = None
-        self.transcript: list[dict] = []
-        self.latencies: list[dict] = []
+        self.transcript: list[dict[str, Any]] = []
+        self.latencies: list[dict[str, Any]] = []
         self.interruptions = 0
         self.heard = bytearray()       # everything the caller sent, in the call's format
         self.sent = bytearray()        # everything the assistant spoke
-        self.socket_messages: list[dict] = []   # control messages sent on the transport socket
+        self.socket_messages: list[dict[str, Any]] = []   # control messages sent on the transport socket
         self.started = time.time()
         self.ended_reason = "customer-ended-call"
         self.closed = False
 
     # --- transport ------------------------------------------------------------------------------
-    async def run(self, websocket: WebSocket) -> None:
+    @property
+    def socket(self) -> AssistantSocket:
+        """The transport socket; before ``run`` it is not connected (RuntimeError, as starlette's)."""
+        if self.ws is None:
+            raise RuntimeError("the assistant's socket is not connected yet")
+        return self.ws
+
+    async def run(self, websocket: AssistantSocket) -> None:
         self.ws = websocket
         await websocket.accept()
         self.call["status"] = "in-progress"
@@ -124,23 +143,23 @@ class SimulatedAssistant:
         finally:
             await self.end()
 
-    async def send_json(self, message: dict) -> None:
+    async def send_json(self, message: dict[str, Any]) -> None:
         self.socket_messages.append(message)
         try:
-            await self.ws.send_text(json.dumps(message))
+            await self.socket.send_text(json.dumps(message))
         except (WebSocketDisconnect, RuntimeError):
             pass
 
-    async def emit(self, message: dict, *, server: bool = True) -> None:
+    async def emit(self, message: dict[str, Any], *, server: bool = True) -> None:
         """Send a control message on the socket and, as a server message, to the server URL."""
         await self.send_json(message)
         if server and self.post is not None:
             asyncio.create_task(self.post(self.envelope(message)))
 
-    def envelope(self, message: dict) -> dict:
+    def envelope(self, message: dict[str, Any]) -> dict[str, Any]:
         return {**message, "timestamp": int(time.time() * 1000), "call": self.call_summary()}
 
-    def call_summary(self) -> dict:
+    def call_summary(self) -> dict[str, Any]:
         keys = ("id", "orgId", "type", "status", "assistantId", "assistantOverrides", "name", "createdAt",
                 "updatedAt", "monitor", "phoneCallProvider", "phoneCallProviderId", "customer", "transport")
         return {k: self.call[k] for k in keys if k in self.call}
@@ -176,7 +195,7 @@ class SimulatedAssistant:
         if self.drop_after_frames is not None and len(self.heard) >= self.drop_after_frames * len(frame):
             self.ended_reason = "call.in-progress.error-vapifault-transport-dropped"
             try:
-                await self.ws.close(code=1011)
+                await self.socket.close(code=1011)
             except (RuntimeError, WebSocketDisconnect):
                 pass
             return
@@ -212,6 +231,8 @@ class SimulatedAssistant:
         self.speak(self.script.reply_hz, self.script.reply_ms, delay_ms=self.script.model_latency_ms)
 
     async def call_tool(self, name: str) -> None:
+        if self.post is None:   # no server URL: nobody to ask
+            return
         tool_call = {"id": f"call_{uuid.uuid4().hex[:16]}", "type": "function",
                      # the spec's ToolCall carries arguments as a JSON string
                      "function": {"name": name, "arguments": json.dumps({"order_id": "A1"})}}
@@ -251,7 +272,7 @@ class SimulatedAssistant:
     async def _send_audio(self, frame: bytes) -> None:
         self.sent += frame
         try:
-            await self.ws.send_bytes(frame)
+            await self.socket.send_bytes(frame)
         except (WebSocketDisconnect, RuntimeError):
             pass
 
@@ -260,7 +281,7 @@ class SimulatedAssistant:
         """Live Call Control's end-call: close the socket; ``run`` then reports the end."""
         self.ended_reason = reason
         try:
-            await self.ws.close()
+            await self.socket.close()
         except (RuntimeError, WebSocketDisconnect):
             pass
 
@@ -280,7 +301,7 @@ class SimulatedAssistant:
         await self.post(self.envelope(status))
         await self.post(self.envelope(self.report()))
 
-    def report(self) -> dict:
+    def report(self) -> dict[str, Any]:
         turns = [t["turnLatency"] for t in self.latencies]
         metrics = {"turnLatencies": self.latencies, "numUserInterrupted": self.interruptions,
                    "numAssistantInterrupted": 0,
@@ -294,4 +315,4 @@ class SimulatedAssistant:
 
 
 def _iso(ts: float) -> str:
-    return datetime.datetime.fromtimestamp(ts, datetime.timezone.utc).isoformat().replace("+00:00", "Z")
+    return datetime.datetime.fromtimestamp(ts, datetime.UTC).isoformat().replace("+00:00", "Z")

@@ -30,9 +30,10 @@ from __future__ import annotations
 import hmac
 import json
 import uuid
+from collections.abc import Awaitable, Callable
 from functools import lru_cache
 from importlib import resources
-from typing import Any, Awaitable, Callable
+from typing import Any
 from urllib.parse import parse_qsl
 
 from starlette.applications import Starlette
@@ -217,10 +218,11 @@ def _merge(assistant: dict | None, overrides: dict | None) -> dict | None:
     """Saved assistant + assistantOverrides (metadata and variableValues merged one level)."""
     if assistant is None and not overrides:
         return None
-    merged = {**(assistant or {}), **(overrides or {})}
+    base, extra = assistant or {}, overrides or {}
+    merged = {**base, **extra}
     for key in ("metadata", "variableValues"):
-        if isinstance((assistant or {}).get(key), dict) and isinstance((overrides or {}).get(key), dict):
-            merged[key] = {**assistant[key], **overrides[key]}
+        if isinstance(base.get(key), dict) and isinstance(extra.get(key), dict):
+            merged[key] = {**base[key], **extra[key]}
     return merged
 
 
@@ -356,7 +358,8 @@ class VapiApi:
                           phoneCallProviderDetails={"twiml": stream_twiml(f"{socket_base}/twilio-stream")})
         else:
             record["type"] = "outboundPhoneCall"
-            self._dial(record, number, f"{socket_base}/twilio-stream")
+            if number is not None:   # always, for a phone call: create_call looked it up
+                self._dial(record, number, f"{socket_base}/twilio-stream")
         return TWILIO_AUDIO
 
     def _assistant(self, body: dict) -> dict | None:
@@ -419,7 +422,8 @@ class VapiApi:
         call = self.vapi.calls.get(request.path_params["id"])
         if call is None:
             raise VapiError(404, "Call not found")
-        schema = CONTROL_SCHEMAS.get(body.get("type") if isinstance(body, dict) else None)
+        kind = body.get("type") if isinstance(body, dict) else None
+        schema = CONTROL_SCHEMAS.get(kind) if isinstance(kind, str) else None
         if schema is None:
             raise VapiError(400, [f"type must be one of the following values: {', '.join(CONTROL_SCHEMAS)}"])
         check(body, schema)

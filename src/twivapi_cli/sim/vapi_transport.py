@@ -10,18 +10,22 @@ returns the reply for the messages that expect one.
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
 import logging
-from typing import Any, Callable
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 import httpx
-from starlette.routing import WebSocketRoute
+from starlette.routing import BaseRoute, WebSocketRoute
 from starlette.websockets import WebSocket
 
-from .. import net, signing
+from .. import net, signing, twilio_media
 from .vapi_assistant import Script, SimulatedAssistant
+
+if TYPE_CHECKING:
+    from .faults import Faults
+    from .state import SimState
 
 log = logging.getLogger("twivapi.sim")
 
@@ -33,27 +37,28 @@ class ServerPoster:
 
     def __init__(self, url: str | None, secret: str | None, *, auth: str = "secret",
                  http: httpx.AsyncClient | None = None, timeout: float = 20.0,
-                 before_send: Callable[[dict], Any] | None = None):
+                 before_send: Callable[[dict[str, Any]], Awaitable[list[Any]]] | None = None):
         self.url, self.secret, self.auth = url, secret, auth
         self.http = http or net.async_client(timeout=timeout)
         self.owns_http = http is None
         self.before_send = before_send   # fault injection: may delay, duplicate or drop (returns a list)
-        self.sent: list[dict] = []
+        self.sent: list[dict[str, Any]] = []
         self.replies: list[tuple[str, int, Any]] = []
         self._lock = asyncio.Lock()      # Vapi delivers one call's messages in order
 
-    async def __call__(self, message: dict) -> Any:
-        if not self.url:
+    async def __call__(self, message: dict[str, Any]) -> Any:
+        url = self.url
+        if not url:
             return None
         deliveries = [message]
         if self.before_send is not None:
             deliveries = await self.before_send(message) or []
         reply = None
         for delivery in deliveries:
-            reply = await self._send(delivery)
+            reply = await self._send(url, delivery)
         return reply
 
-    async def _send(self, message: dict) -> Any:
+    async def _send(self, url: str, message: dict[str, Any]) -> Any:
         body = json.dumps({"message": message}).encode()
         headers = {"Content-Type": "application/json"}
         if self.secret:
@@ -62,7 +67,7 @@ class ServerPoster:
             self.sent.append(message)
             try:
                 # the same body again: the receiver deduplicates it (Vapi's backoffPlan retries likewise)
-                response = await net.post_idempotent(self.http, self.url, content=body, headers=headers)
+                response = await net.post_idempotent(self.http, url, content=body, headers=headers)
             except httpx.HTTPError as exc:
                 self.replies.append((message.get("type", ""), 0, str(exc)))
                 return None
@@ -78,9 +83,10 @@ class ServerPoster:
             await self.http.aclose()
 
 
-def transport_routes(find_call: FindCall, make_poster: Callable[[dict, dict | None], ServerPoster | None],
+def transport_routes(find_call: FindCall,
+                     make_poster: Callable[[dict[str, Any], dict[str, Any] | None], ServerPoster | None],
                      on_assistant: Callable[[str, SimulatedAssistant], None] | None = None,
-                     drop_after: Callable[[str], int | None] = lambda path: None) -> list:
+                     drop_after: Callable[[str], int | None] = lambda path: None) -> list[BaseRoute]:
     async def transport(websocket: WebSocket) -> None:
         call_id = websocket.path_params["call_id"]
         found = find_call(call_id)
@@ -116,26 +122,24 @@ class TwilioStreamAdapter:
     async def accept(self) -> None:
         await self.ws.accept()
 
-    async def receive(self) -> dict:
+    async def receive(self) -> MutableMapping[str, Any]:
         while True:
             message = await self.ws.receive()
             if message["type"] == "websocket.disconnect" or message.get("text") is None:
                 return {"type": "websocket.disconnect"} if message["type"] == "websocket.disconnect" else message
             try:
-                event = json.loads(message["text"])
-            except ValueError:
+                event = twilio_media.parse(message["text"], max_payload=None)
+            except twilio_media.BadMessage:
                 continue
-            kind = event.get("event")
-            if kind == "start":
-                self.stream_sid = event.get("streamSid") or (event.get("start") or {}).get("streamSid")
-            elif kind == "media":
-                return {"type": "websocket.receive", "bytes": base64.b64decode(event["media"]["payload"])}
-            elif kind == "stop":
+            if isinstance(event, twilio_media.Start):
+                self.stream_sid = event.stream_sid
+            elif isinstance(event, twilio_media.Media):
+                return {"type": "websocket.receive", "bytes": event.payload}
+            elif isinstance(event, twilio_media.Stop):
                 return {"type": "websocket.disconnect"}
 
     async def send_bytes(self, frame: bytes) -> None:
-        await self.ws.send_text(json.dumps({"event": "media", "streamSid": self.stream_sid,
-                                            "media": {"payload": base64.b64encode(frame).decode()}}))
+        await self.ws.send_text(twilio_media.media_frame(self.stream_sid, frame))
 
     async def send_text(self, text: str) -> None:
         """Control messages have no place on Twilio's socket; barge-in becomes a ``clear``."""
@@ -144,15 +148,18 @@ class TwilioStreamAdapter:
         except ValueError:
             return
         if kind == "user-interrupted" and self.stream_sid:
-            await self.ws.send_text(json.dumps({"event": "clear", "streamSid": self.stream_sid}))
+            await self.ws.send_text(twilio_media.serialize(twilio_media.Clear(self.stream_sid)))
+
+    async def close(self, code: int = 1000) -> None:
+        await self.ws.close(code=code)
 
 
-def assistant_routes(state, faults=None) -> list:
+def assistant_routes(state: SimState, faults: Faults | None = None) -> list[BaseRoute]:
     """The simulated assistant's routes for the Vapi simulator sharing ``state``: the
     ``vapi.websocket`` transport and Twilio's direct stream, both posting server messages to the
     call's server URL with the org's webhook secret (through ``faults``' webhook rules)."""
 
-    def make_poster(call: dict, assistant: dict | None) -> ServerPoster | None:
+    def make_poster(call: dict[str, Any], assistant: dict[str, Any] | None) -> ServerPoster | None:
         record = state.vapi.calls.get(call["id"])
         url = record.server_url if record else None
         if not url:

@@ -8,7 +8,7 @@ import dataclasses
 import time
 from typing import Any
 
-from ..models import CallState, Event, Session, check_transition
+from ..models import Event, Outcome, Session, Transition, Trigger, next_state
 
 EVENT_RING = 50_000  # events kept in memory for tail; the SQLite file keeps them all
 
@@ -34,16 +34,16 @@ class MemoryStore:
     async def health(self) -> dict[str, Any]:
         return {"store": self.name, "ok": True}
 
-    async def _persist(self, kind: str, payload: Any) -> None:
+    async def _persist(self, kind: str, payload: Any, durable: bool = True) -> None:
         """Hook for durable stores; the memory store keeps nothing."""
 
     # --- sessions -------------------------------------------------------------------------------
-    async def create_session(self, session: Session) -> bool:
+    async def create_session(self, session: Session, *, durable: bool = True) -> bool:
         if session.call_sid in self._sessions:
             return False
         self._sessions[session.call_sid] = session
         self._index(session)
-        await self._persist("session", session)
+        await self._persist("session", session, durable)
         return True
 
     async def get_session(self, call_sid: str) -> Session | None:
@@ -56,7 +56,7 @@ class MemoryStore:
                    (self._by_stream.get(stream_sid) if stream_sid else None)
         return await self.get_session(call_sid) if call_sid else None
 
-    async def update_session(self, call_sid: str, **fields: Any) -> Session | None:
+    async def update_session(self, call_sid: str, *, durable: bool = True, **fields: Any) -> Session | None:
         session = self._sessions.get(call_sid)
         if session is None:
             return None
@@ -65,20 +65,26 @@ class MemoryStore:
             setattr(session, name, value)
         session.updated_at = time.time()
         self._index(session)
-        await self._persist("session", session)
+        await self._persist("session", session, durable)
         return dataclasses.replace(session)
 
-    async def transition(self, call_sid: str, to: CallState, *, reason: str | None = None) -> Session:
+    async def transition(self, call_sid: str, trigger: Trigger, *, reason: str | None = None,
+                         durable: bool = True) -> Transition:
         session = self._sessions.get(call_sid)
         if session is None:
-            raise KeyError(call_sid)
-        check_transition(call_sid, session.state, to)
+            return Transition(Outcome.UNKNOWN)
+        previous = session.state
+        to = next_state(previous, trigger)
+        if to is None:
+            return Transition(Outcome.REJECTED, dataclasses.replace(session), previous)
+        if to is previous:
+            return Transition(Outcome.ALREADY, dataclasses.replace(session), previous)
         session.state = to
         session.updated_at = time.time()
         if reason and to.terminal:
             session.ended_reason = reason
-        await self._persist("session", session)
-        return dataclasses.replace(session)
+        await self._persist("session", session, durable)
+        return Transition(Outcome.MOVED, dataclasses.replace(session), previous)
 
     async def apply_status_sequence(self, call_sid: str, sequence: int) -> bool:
         session = self._sessions.get(call_sid)
@@ -128,18 +134,18 @@ class MemoryStore:
         return len(gone)
 
     # --- event log ------------------------------------------------------------------------------
-    async def append(self, event: Event) -> int:
+    async def append(self, event: Event, *, durable: bool = True) -> int:
         self._seq += 1
         event.seq = self._seq
         self._events.append(event)
-        await self._persist("event", event)
+        await self._persist("event", event, durable)
         return event.seq
 
     async def events(self, after_seq: int = 0, *, call_sid: str | None = None,
                      limit: int = 1000) -> list[Event]:
         out = []
         for event in self._events:
-            if event.seq > after_seq and (call_sid is None or event.call_sid == call_sid):
+            if (event.seq or 0) > after_seq and (call_sid is None or event.call_sid == call_sid):
                 out.append(event)
                 if len(out) >= limit:
                     break

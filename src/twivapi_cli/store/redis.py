@@ -1,5 +1,6 @@
-"""Redis store: several bridge instances sharing sessions, the state machine, idempotency keys, the
-event log and cross-instance signals (official ``redis`` client, asyncio).
+"""Redis store: several bridge instances sharing sessions, the state machine, idempotency keys and
+the event log (official ``redis`` client, asyncio). What else instances share (per-call queues,
+signals, heartbeats, following the log) is ``cluster/redis.py``'s, on the same server and prefix.
 
 Keys, under a prefix (``TWIVAPI_REDIS_PREFIX``, default ``twivapi:``):
 
@@ -7,10 +8,6 @@ Keys, under a prefix (``TWIVAPI_REDIS_PREFIX``, default ``twivapi:``):
     active             zset CallSid -> updated  claim:<key>  idempotency keys (SET NX PX: they expire)
     seq                the event counter        events       a Stream; entry id = "<seq>-0"
     marks:<bucket>     hash "<seq>a"/"<seq>p" -> ack/processed time, 100,000 events a bucket, kept 7 days
-    instance:<id>      heartbeat (TTL)
-    signal             pub/sub channel for interruptions, ends and readiness (every instance hears it)
-    q:<call>           a call's queued Vapi messages (list)     lease:<call>  who drains it (TTL)
-    queued             zset call -> when its queue became non-empty
 
 Transitions and status sequences are Lua scripts: read, check, write in one step on the server, so
 two instances moving the same call never lose an update. The event log keeps the newest
@@ -23,10 +20,10 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from typing import Any, AsyncIterator
+from typing import Any
 
 from ..errors import StoreError
-from ..models import ALLOWED, CallState, Event, IllegalTransition, Session
+from ..models import TRANSITIONS, CallState, Event, Outcome, Session, Transition, Trigger
 
 EVENT_RETENTION = 1_000_000
 MARKS_PER_BUCKET = 100_000
@@ -34,20 +31,22 @@ MARKS_KEPT_S = 7 * 24 * 3600
 ENDED_KEPT_S = 24 * 3600.0   # an ended session's key expires after this (the event log keeps its history)
 TIMEOUT_S = 1.0
 
-_ALLOWED_JSON = json.dumps({s.value: sorted(t.value for t in targets) for s, targets in ALLOWED.items()})
+# models.TRANSITIONS as "<state> <trigger>" -> next state, for the Lua script
+_TABLE_JSON = json.dumps({f"{state.value} {trigger.value}": to.value for (state, trigger), to in TRANSITIONS.items()})
 
-# KEYS: session, active zset. ARGV: to-state, reason, now, allowed-table JSON, ms an ended session is kept
+# KEYS: session, active zset. ARGV: trigger, reason, now, table JSON, ms an ended session is kept.
+# Returns {code, previous state, session JSON}: code -1 unknown call, 0 rejected, 2 already there, 1 moved
 _TRANSITION = """
 local raw = redis.call('GET', KEYS[1])
-if not raw then return {-1, ''} end
+if not raw then return {-1, '', ''} end
 local s = cjson.decode(raw)
-local allowed = cjson.decode(ARGV[4])[s['state']] or {}
-local ok = false
-for _, v in ipairs(allowed) do if v == ARGV[1] then ok = true end end
-if not ok then return {0, s['state']} end
-s['state'] = ARGV[1]
+local previous = s['state']
+local to = cjson.decode(ARGV[4])[previous .. ' ' .. ARGV[1]]
+if not to then return {0, previous, raw} end
+if to == previous then return {2, previous, raw} end
+s['state'] = to
 s['updated_at'] = tonumber(ARGV[3])
-local ended = ARGV[1] == 'ended' or ARGV[1] == 'failed'
+local ended = to == 'ended' or to == 'failed'
 if ended and ARGV[2] ~= '' then s['ended_reason'] = ARGV[2] end
 local out = cjson.encode(s)
 if ended then
@@ -57,7 +56,7 @@ else
   redis.call('ZADD', KEYS[2], tonumber(ARGV[3]), s['call_sid'])
   redis.call('SET', KEYS[1], out)
 end
-return {1, out}
+return {1, previous, out}
 """
 
 # KEYS: session. ARGV: sequence
@@ -86,135 +85,41 @@ redis.call('EXPIRE', KEYS[1], ARGV[1])
 return 1
 """
 
-# Per-call queues (store/queues.py explains the protocol). KEYS: queue, lease, queued zset.
-# ARGV: item, limit, max_keys, instance, lease ms, now, call key
-_PUSH = """
-local n = redis.call('LLEN', KEYS[1])
-if n >= tonumber(ARGV[2]) then return -1 end
-if n == 0 and tonumber(ARGV[3]) > 0 and redis.call('ZCARD', KEYS[3]) >= tonumber(ARGV[3]) then return -1 end
-redis.call('RPUSH', KEYS[1], ARGV[1])
-redis.call('ZADD', KEYS[3], 'NX', tonumber(ARGV[6]), ARGV[7])
-if redis.call('SET', KEYS[2], ARGV[4], 'NX', 'PX', ARGV[5]) then return 1 end
-return 0
-"""
+class RedisConnection:
+    """A client for one Redis URL and key prefix; its failures become ``StoreError`` (the bridge
+    answers 503), naming the server but never a password. Shared by the store and the cluster."""
 
-# KEYS: queue, lease. ARGV: instance, lease ms
-_ACQUIRE = """
-if redis.call('LLEN', KEYS[1]) == 0 then return 0 end
-if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end
-return 0
-"""
-
-# KEYS: queue, lease. ARGV: instance, lease ms. Returns {held, head}
-_HEAD = """
-if redis.call('GET', KEYS[2]) ~= ARGV[1] then return {0, false} end
-redis.call('PEXPIRE', KEYS[2], ARGV[2])
-return {1, redis.call('LINDEX', KEYS[1], 0)}
-"""
-
-# KEYS: queue, lease, queued zset. ARGV: instance, lease ms, call key. Pop the head we applied, then
-# return the next one (renewing the lease) or, if none, give the lease back. Returns {held, next}
-_ADVANCE = """
-if redis.call('GET', KEYS[2]) ~= ARGV[1] then return {0, false} end
-redis.call('LPOP', KEYS[1])
-local nxt = redis.call('LINDEX', KEYS[1], 0)
-if nxt then
-  redis.call('PEXPIRE', KEYS[2], ARGV[2])
-  return {1, nxt}
-end
-redis.call('ZREM', KEYS[3], ARGV[3])
-redis.call('DEL', KEYS[2])
-return {1, false}
-"""
-
-# KEYS: queue, lease, queued zset. ARGV: instance, call key, empty-only (1) or pause (0)
-_RELEASE = """
-if ARGV[3] == '1' then
-  if redis.call('LLEN', KEYS[1]) > 0 then return 0 end
-  redis.call('ZREM', KEYS[3], ARGV[2])
-end
-if redis.call('GET', KEYS[2]) == ARGV[1] then redis.call('DEL', KEYS[2]) end
-return 1
-"""
-
-QUEUE_LEASE_MS = 10_000   # a holder that died is replaced after this (the sweep takes over its queues)
-
-
-class RedisQueues:
-    """``CallQueues`` in Redis: any instance may push a call's messages; one at a time drains them."""
-
-    def __init__(self, store: "RedisStore", instance: str):
-        self.store, self.instance = store, instance
-        self._scripts = {name: store.redis.register_script(src) for name, src in (
-            ("push", _PUSH), ("acquire", _ACQUIRE), ("head", _HEAD), ("release", _RELEASE),
-            ("advance", _ADVANCE))}
-
-    def _keys(self, key: str) -> list[str]:
-        return [self.store.k("q", key), self.store.k("lease", key), self.store.k("queued")]
-
-    async def push(self, key: str, item: dict, *, limit: int, max_keys: int = 0) -> tuple[bool, bool]:
-        code = int(await self.store._do(self._scripts["push"](keys=self._keys(key), args=[
-            json.dumps(item, default=str), limit, max_keys, self.instance, QUEUE_LEASE_MS, time.time(), key])))
-        return code >= 0, code == 1
-
-    async def acquire(self, key: str) -> bool:
-        return bool(await self.store._do(self._scripts["acquire"](
-            keys=self._keys(key)[:2], args=[self.instance, QUEUE_LEASE_MS])))
-
-    async def head(self, key: str) -> tuple[bool, dict | None]:
-        held, raw = await self.store._do(self._scripts["head"](keys=self._keys(key)[:2],
-                                                               args=[self.instance, QUEUE_LEASE_MS]))
-        return bool(held), (json.loads(raw) if raw else None)
-
-    async def advance(self, key: str) -> tuple[bool, dict | None]:
-        held, raw = await self.store._do(self._scripts["advance"](keys=self._keys(key),
-                                                                  args=[self.instance, QUEUE_LEASE_MS, key]))
-        return bool(held), (json.loads(raw) if raw else None)
-
-    async def finish(self, key: str) -> bool:
-        return bool(await self.store._do(self._scripts["release"](keys=self._keys(key), args=[self.instance, key, 1])))
-
-    async def pause(self, key: str) -> None:
-        await self.store._do(self._scripts["release"](keys=self._keys(key), args=[self.instance, key, 0]))
-
-    async def drop(self, key: str) -> int:
-        queue, lease, queued = self._keys(key)
-        async with self.store.redis.pipeline(transaction=True) as pipe:
-            pipe.llen(queue).delete(queue, lease).zrem(queued, key)
-            count, _, _ = await self.store._do(pipe.execute())
-        return int(count)
-
-    async def pending(self, older_than_s: float) -> list[str]:
-        return list(await self.store._do(self.store.redis.zrangebyscore(
-            self.store.k("queued"), "-inf", time.time() - older_than_s)))
-
-
-class RedisStore:
-    name = "redis"
-
-    def __init__(self, url: str, prefix: str = "twivapi:", instance: str | None = None):
+    def __init__(self, url: str, prefix: str = "twivapi:"):
         import redis.asyncio as aioredis
         self.url, self.prefix = url, prefix
         self.redis = aioredis.from_url(url, socket_timeout=TIMEOUT_S, socket_connect_timeout=TIMEOUT_S,
                                        health_check_interval=5, decode_responses=True)
-        self.instance = instance
-        self._scripts: dict[str, Any] = {}
 
     def k(self, *parts: str) -> str:
         return self.prefix + ":".join(parts)
 
-    async def _do(self, coro):
+    async def do(self, coro: Any) -> Any:
         from redis.exceptions import RedisError
         try:
             return await coro
         except (RedisError, OSError, asyncio.TimeoutError) as exc:
             raise StoreError(f"Redis store unavailable: {type(exc).__name__}",
-                             hint=f"is Redis reachable at {self._safe_url()}?") from None
+                             hint=f"is Redis reachable at {self.safe_url()}?") from None
 
-    def _safe_url(self) -> str:
+    def safe_url(self) -> str:
         from urllib.parse import urlsplit
         parts = urlsplit(self.url)
         return f"{parts.scheme}://{parts.hostname}:{parts.port or 6379}{parts.path}"
+
+
+class RedisStore:
+    name = "redis"
+
+    def __init__(self, url: str, prefix: str = "twivapi:"):
+        self.connection = RedisConnection(url, prefix)
+        self.url, self.prefix, self.redis = url, prefix, self.connection.redis
+        self.k, self._do = self.connection.k, self.connection.do
+        self._scripts: dict[str, Any] = {}
 
     # --- lifecycle ------------------------------------------------------------------------------
     async def open(self) -> None:
@@ -237,7 +142,7 @@ class RedisStore:
             return {"store": self.name, "ok": False, "error": type(exc).__name__}
 
     # --- sessions -------------------------------------------------------------------------------
-    async def create_session(self, session: Session) -> bool:
+    async def create_session(self, session: Session, *, durable: bool = True) -> bool:
         created = await self._do(self.redis.set(self.k("s", session.call_sid), json.dumps(session.to_dict()), nx=True))
         if created:
             await self._do(self.redis.zadd(self.k("active"), {session.call_sid: session.updated_at}))
@@ -263,7 +168,7 @@ class RedisStore:
             call_sid = await self._do(self.redis.get(self.k("stream", stream_sid)))
         return await self.get_session(call_sid) if call_sid else None
 
-    async def update_session(self, call_sid: str, **fields: Any) -> Session | None:
+    async def update_session(self, call_sid: str, *, durable: bool = True, **fields: Any) -> Session | None:
         fields.pop("state", None)
         session = await self._do(self._update(call_sid, fields))
         if session is not None:
@@ -290,15 +195,15 @@ class RedisStore:
                     continue
         raise StoreError(f"could not update {call_sid}: too much contention")
 
-    async def transition(self, call_sid: str, to: CallState, *, reason: str | None = None) -> Session:
-        code, payload = await self._do(self._scripts["transition"](
+    async def transition(self, call_sid: str, trigger: Trigger, *, reason: str | None = None,
+                         durable: bool = True) -> Transition:
+        code, previous, payload = await self._do(self._scripts["transition"](
             keys=[self.k("s", call_sid), self.k("active")],
-            args=[to.value, reason or "", time.time(), _ALLOWED_JSON, int(ENDED_KEPT_S * 1000)]))
+            args=[trigger.value, reason or "", time.time(), _TABLE_JSON, int(ENDED_KEPT_S * 1000)]))
         if int(code) == -1:
-            raise KeyError(call_sid)
-        if int(code) == 0:
-            raise IllegalTransition(call_sid, CallState(payload), to)
-        return Session.from_dict(json.loads(payload))
+            return Transition(Outcome.UNKNOWN)
+        outcome = {0: Outcome.REJECTED, 1: Outcome.MOVED, 2: Outcome.ALREADY}[int(code)]
+        return Transition(outcome, Session.from_dict(json.loads(payload)), CallState(previous))
 
     async def apply_status_sequence(self, call_sid: str, sequence: int) -> bool:
         return bool(await self._do(self._scripts["sequence"](keys=[self.k("s", call_sid)], args=[sequence])))
@@ -318,7 +223,7 @@ class RedisStore:
         return bool(await self._do(self.redis.set(self.k("claim", key), "1", nx=True, px=max(1, int(ttl * 1000)))))
 
     # --- event log ------------------------------------------------------------------------------
-    async def append(self, event: Event) -> int:
+    async def append(self, event: Event, *, durable: bool = True) -> int:
         payload = json.dumps({k: v for k, v in event.to_dict().items() if k != "seq"}, default=str)
         event.seq = int(await self._do(self._scripts["append"](
             keys=[self.k("seq"), self.k("events")], args=[payload, EVENT_RETENTION])))
@@ -368,58 +273,8 @@ class RedisStore:
         except Exception:   # best effort: a mark never fails a webhook
             pass
 
-    # --- cross-instance signals and liveness -----------------------------------------------------
-    async def publish_signal(self, call_sid: str, kind: str, data: dict, origin: str) -> None:
-        message = json.dumps({"call_sid": call_sid, "kind": kind, "data": data, "origin": origin}, default=str)
-        await self._do(self.redis.publish(self.k("signal"), message))
-
-    async def signals(self) -> AsyncIterator[dict]:
-        """Signals from every instance, forever; resubscribes after a Redis outage."""
-        while True:
-            pubsub = self.redis.pubsub()
-            try:
-                await pubsub.subscribe(self.k("signal"))
-                async for message in pubsub.listen():
-                    if message.get("type") == "message":
-                        yield json.loads(message["data"])
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                await asyncio.sleep(0.5)
-            finally:
-                try:
-                    await pubsub.aclose()
-                except Exception:
-                    pass
-
-    def call_queues(self, instance: str) -> RedisQueues:
-        return RedisQueues(self, instance)
-
-    async def follow(self, after_seq: int, block_ms: int = 500) -> AsyncIterator[Event | None]:
-        """The event log after ``after_seq``, then live, from every instance (XREAD BLOCK); None after
-        each quiet ``block_ms``. Ends only when closed; Redis outages are waited out."""
-        last = f"{after_seq}-0"
-        while True:
-            try:
-                replies = await self.redis.xread({self.k("events"): last}, count=500, block=block_ms)
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                await asyncio.sleep(0.5)
-                replies = None
-            if not replies:
-                yield None
-                continue
-            for _stream, entries in replies:
-                for entry_id, fields in entries:
-                    last = entry_id
-                    yield Event.from_dict({**json.loads(fields["e"]), "seq": int(entry_id.split("-")[0])})
-
-    async def heartbeat(self, instance: str, ttl: float) -> None:
-        await self._do(self.redis.set(self.k("instance", instance), str(time.time()), px=int(ttl * 1000)))
-
-    async def alive(self, instance: str) -> bool:
-        return bool(await self._do(self.redis.exists(self.k("instance", instance))))
+    async def prune(self, ended_before: float) -> int:
+        return 0   # nothing kept in this process; ended sessions' keys expire by themselves (ENDED_KEPT_S)
 
     async def delete_all(self) -> None:
         """Tests: remove every key under this prefix."""

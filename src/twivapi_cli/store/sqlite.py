@@ -26,8 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import StoreError
-from ..models import CallState, Event, Session
-from . import durable_writes
+from ..models import Event, Session, Transition, Trigger
 from .memory import MemoryStore
 
 SCHEMA = """
@@ -45,6 +44,76 @@ HEALTH_PROBE_WAIT = 0.5   # seconds /health waits for a probe write while the st
 _STOP = object()
 
 
+class GroupCommitWriter:
+    """One thread that owns the write connection: whatever is waiting goes into one transaction
+    (group commit), and each waiting caller's future is settled with the batch's outcome."""
+
+    _SQL = {
+        "session": "INSERT INTO sessions (call_sid, state, data, updated_at) VALUES (?, ?, ?, ?) "
+                   "ON CONFLICT(call_sid) DO UPDATE SET state=excluded.state, data=excluded.data, "
+                   "updated_at=excluded.updated_at",
+        "claim": "INSERT OR REPLACE INTO claims (key, expires_at) VALUES (?, ?)",
+        "event": "INSERT INTO events (seq, call_sid, type, data, received_at, acked_at, processed_at) "
+                 "VALUES (?, ?, ?, ?, ?, ?, ?)",
+        "probe": "INSERT OR REPLACE INTO claims (key, expires_at) VALUES ('twivapi:health-probe', -?)",
+        "mark": "UPDATE events SET acked_at = COALESCE(?, acked_at), processed_at = COALESCE(?, processed_at) "
+                "WHERE seq = ?",
+    }
+
+    def __init__(self, conn: sqlite3.Connection, loop: asyncio.AbstractEventLoop):
+        self._conn, self._loop = conn, loop
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="twivapi-sqlite", daemon=True)
+        self._thread.start()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def put(self, kind: str, row: tuple, future: asyncio.Future | None = None) -> None:
+        self._queue.put((kind, row, future))
+
+    async def stop(self) -> None:
+        self._queue.put(_STOP)
+        await asyncio.to_thread(self._thread.join, 10)
+
+    def _run(self) -> None:
+        stop = False
+        while not stop:
+            batch = [self._queue.get()]
+            while len(batch) < BATCH_MAX:
+                try:
+                    batch.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            if _STOP in batch:
+                stop = True
+                batch = [item for item in batch if item is not _STOP]
+            error = self._commit(batch)
+            futures = [item[2] for item in batch if item[2] is not None]
+            if futures:
+                self._loop.call_soon_threadsafe(_settle, futures, error)
+        self._conn.close()
+
+    def _commit(self, batch: list) -> BaseException | None:
+        conn = self._conn
+        try:
+            conn.execute("BEGIN")
+            for kind, row, _ in batch:
+                conn.execute(self._SQL[kind], row)
+            conn.execute("COMMIT")
+            self.error = None
+            return None
+        except (sqlite3.Error, OSError) as exc:  # disk full, locked: report, keep serving reads
+            self.error = exc
+            try:
+                conn.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass
+            return exc
+
+
 class SQLiteStore(MemoryStore):
     name = "sqlite"
 
@@ -52,10 +121,8 @@ class SQLiteStore(MemoryStore):
         super().__init__()
         self.path = Path(path)
         self.busy_timeout = busy_timeout
-        self._queue: queue.SimpleQueue = queue.SimpleQueue()
-        self._thread: threading.Thread | None = None
+        self._writer: GroupCommitWriter | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._error: BaseException | None = None
         self._changes: dict[str, int] = {}          # session writes per call, to undo only our own
         self._probe: asyncio.Future | None = None
 
@@ -72,22 +139,21 @@ class SQLiteStore(MemoryStore):
         except (sqlite3.Error, OSError) as exc:
             raise StoreError(f"cannot open SQLite store {self.path}: {exc}",
                              hint="check TWIVAPI_STORE / --store and that the directory is writable") from None
-        self._thread = threading.Thread(target=self._writer, args=(conn,), name="twivapi-sqlite", daemon=True)
-        self._thread.start()
+        self._writer = GroupCommitWriter(conn, self._loop)
 
     async def close(self) -> None:
-        if self._thread:
-            self._queue.put(_STOP)
-            await asyncio.to_thread(self._thread.join, 10)
-            self._thread = None
+        if self._writer:
+            await self._writer.stop()
+            self._writer = None
 
     async def health(self) -> dict[str, Any]:
-        if self._error is not None and self._thread is not None and self._thread.is_alive():
-            await self._probe_write()
-        ok = self._error is None and self._thread is not None and self._thread.is_alive()
+        writer = self._writer
+        if writer is not None and writer.error is not None and writer.alive:
+            await self._probe_write(writer)
+        ok = writer is not None and writer.error is None and writer.alive
         result: dict[str, Any] = {"store": self.name, "ok": ok}
-        if self._error is not None:
-            result["error"] = type(self._error).__name__
+        if writer is not None and writer.error is not None:
+            result["error"] = type(writer.error).__name__
         return result
 
     def _connect(self) -> sqlite3.Connection:
@@ -106,39 +172,45 @@ class SQLiteStore(MemoryStore):
         now = time.time()
         self._claims = dict(conn.execute("SELECT key, expires_at FROM claims WHERE expires_at > ?", (now,)))
         self._seq = conn.execute("SELECT COALESCE(MAX(seq), 0) FROM events").fetchone()[0]
-        rows = conn.execute("SELECT seq, call_sid, type, data, received_at, acked_at, processed_at FROM events "
-                            "ORDER BY seq DESC LIMIT 5000").fetchall()
-        for seq, call_sid, type_, data, received, acked, processed in reversed(rows):
-            self._events.append(Event(type=type_, call_sid=call_sid, data=json.loads(data), received_at=received,
-                                      acked_at=acked, processed_at=processed, seq=seq))
+        rows = conn.execute(_EVENT_COLUMNS + " ORDER BY seq DESC LIMIT 5000").fetchall()
+        self._events.extend(_event(row) for row in reversed(rows))
 
-    async def _probe_write(self) -> None:
+    async def _probe_write(self, writer: GroupCommitWriter) -> None:
         """One small write through the writer; a success clears the error. Shared by concurrent
         health checks, waited for at most HEALTH_PROBE_WAIT (a locked file keeps it longer)."""
         if self._probe is None or self._probe.done():
-            self._probe = self._loop.create_future()
-            self._probe.add_done_callback(lambda f: f.cancelled() or f.exception())  # retrieved
-            self._queue.put(("probe", (time.time(),), self._probe))
+            self._probe = probe = self._running_loop().create_future()
+            probe.add_done_callback(lambda f: f.cancelled() or f.exception())  # retrieved
+            writer.put("probe", (time.time(),), probe)
         try:
             await asyncio.wait_for(asyncio.shield(self._probe), HEALTH_PROBE_WAIT)
         except (StoreError, asyncio.TimeoutError):
             pass
 
+    def _running_loop(self) -> asyncio.AbstractEventLoop:
+        if self._loop is None:
+            raise StoreError(f"SQLite store {self.path} is not open")
+        return self._loop
+
     # --- failed writes are undone in memory -------------------------------------------------------
-    async def create_session(self, session: Session) -> bool:
-        return await self._undo_on_failure(session.call_sid, super().create_session(session))
+    async def create_session(self, session: Session, *, durable: bool = True) -> bool:
+        return await self._undo_on_failure(session.call_sid, durable,
+                                           super().create_session(session, durable=durable))
 
-    async def update_session(self, call_sid: str, **fields: Any) -> Session | None:
-        return await self._undo_on_failure(call_sid, super().update_session(call_sid, **fields))
+    async def update_session(self, call_sid: str, *, durable: bool = True, **fields: Any) -> Session | None:
+        return await self._undo_on_failure(call_sid, durable,
+                                           super().update_session(call_sid, durable=durable, **fields))
 
-    async def transition(self, call_sid: str, to: CallState, *, reason: str | None = None) -> Session:
-        return await self._undo_on_failure(call_sid, super().transition(call_sid, to, reason=reason))
+    async def transition(self, call_sid: str, trigger: Trigger, *, reason: str | None = None,
+                         durable: bool = True) -> Transition:
+        return await self._undo_on_failure(call_sid, durable, super().transition(
+            call_sid, trigger, reason=reason, durable=durable))
 
     async def apply_status_sequence(self, call_sid: str, sequence: int) -> bool:
-        return await self._undo_on_failure(call_sid, super().apply_status_sequence(call_sid, sequence))
+        return await self._undo_on_failure(call_sid, True, super().apply_status_sequence(call_sid, sequence))
 
-    async def _undo_on_failure(self, call_sid: str, change):
-        if not durable_writes():   # queued, not awaited: a failure is never reported to this caller
+    async def _undo_on_failure(self, call_sid: str, durable: bool, change: Any) -> Any:
+        if not durable:   # queued, not awaited: a failure is never reported to this caller
             return await change
         current = self._sessions.get(call_sid)
         before = None
@@ -176,47 +248,44 @@ class SQLiteStore(MemoryStore):
             self._claims.pop(key, None)   # not claimed: the retry of this request is its first delivery
             raise
 
-    async def append(self, event: Event) -> int:
+    async def append(self, event: Event, *, durable: bool = True) -> int:
         try:
-            return await super().append(event)
+            return await super().append(event, durable=durable)
         except StoreError:
             if self._events and self._events[-1] is event:   # never acknowledged: not in the log
                 self._events.pop()
             raise
 
     # --- persistence hooks ----------------------------------------------------------------------
-    async def _persist(self, kind: str, payload: Any) -> None:
+    async def _persist(self, kind: str, payload: Any, durable: bool = True) -> None:
         if kind == "session":
             self._changes[payload.call_sid] = self._changes.get(payload.call_sid, 0) + 1
-        if not durable_writes():
-            self._queue.put((kind, self._row(kind, payload), None))
+        writer = self._open_writer()
+        if not durable:
+            writer.put(kind, _row(kind, payload))
             return
-        future = self._loop.create_future()
-        self._queue.put((kind, self._row(kind, payload), future))
+        future = self._running_loop().create_future()
+        writer.put(kind, _row(kind, payload), future)
         await future
 
     async def _persist_mark(self, seq: int, acked_at: float | None, processed_at: float | None) -> None:
-        self._queue.put(("mark", (acked_at, processed_at, seq), None))
+        self._open_writer().put("mark", (acked_at, processed_at, seq))
 
-    @staticmethod
-    def _row(kind: str, payload: Any) -> tuple:
-        if kind == "session":
-            return (payload.call_sid, payload.state.value, json.dumps(payload.to_dict()), payload.updated_at)
-        if kind == "claim":
-            return payload
-        return (payload.seq, payload.call_sid, payload.type, json.dumps(payload.data, default=str),
-                payload.received_at, payload.acked_at, payload.processed_at)
+    def _open_writer(self) -> GroupCommitWriter:
+        if self._writer is None:
+            raise StoreError(f"SQLite store {self.path} is not open")
+        return self._writer
 
     async def events(self, after_seq: int = 0, *, call_sid: str | None = None, limit: int = 1000) -> list[Event]:
         oldest = self._events[0].seq if self._events else self._seq + 1
-        if after_seq + 1 >= oldest:
+        if oldest is not None and after_seq + 1 >= oldest:
             return await super().events(after_seq, call_sid=call_sid, limit=limit)
         return await asyncio.to_thread(self._read_events, after_seq, call_sid, limit)
 
     def _read_events(self, after_seq: int, call_sid: str | None, limit: int) -> list[Event]:
         conn = sqlite3.connect(self.path, timeout=5)
         try:
-            sql = "SELECT seq, call_sid, type, data, received_at, acked_at, processed_at FROM events WHERE seq > ?"
+            sql = _EVENT_COLUMNS + " WHERE seq > ?"
             args: list[Any] = [after_seq]
             if call_sid:
                 sql += " AND call_sid = ?"
@@ -224,55 +293,25 @@ class SQLiteStore(MemoryStore):
             rows = conn.execute(sql + " ORDER BY seq LIMIT ?", (*args, limit)).fetchall()
         finally:
             conn.close()
-        return [Event(type=t, call_sid=c, data=json.loads(d), received_at=r, acked_at=a, processed_at=p, seq=s)
-                for s, c, t, d, r, a, p in rows]
+        return [_event(row) for row in rows]
 
-    # --- the writer thread ----------------------------------------------------------------------
-    _SQL = {
-        "session": "INSERT INTO sessions (call_sid, state, data, updated_at) VALUES (?, ?, ?, ?) "
-                   "ON CONFLICT(call_sid) DO UPDATE SET state=excluded.state, data=excluded.data, "
-                   "updated_at=excluded.updated_at",
-        "claim": "INSERT OR REPLACE INTO claims (key, expires_at) VALUES (?, ?)",
-        "event": "INSERT INTO events (seq, call_sid, type, data, received_at, acked_at, processed_at) "
-                 "VALUES (?, ?, ?, ?, ?, ?, ?)",
-        "probe": "INSERT OR REPLACE INTO claims (key, expires_at) VALUES ('twivapi:health-probe', -?)",
-        "mark": "UPDATE events SET acked_at = COALESCE(?, acked_at), processed_at = COALESCE(?, processed_at) "
-                "WHERE seq = ?",
-    }
 
-    def _writer(self, conn: sqlite3.Connection) -> None:
-        stop = False
-        while not stop:
-            batch = [self._queue.get()]
-            while len(batch) < BATCH_MAX:
-                try:
-                    batch.append(self._queue.get_nowait())
-                except queue.Empty:
-                    break
-            if _STOP in batch:
-                stop = True
-                batch = [item for item in batch if item is not _STOP]
-            error = self._commit(conn, batch)
-            futures = [item[2] for item in batch if item[2] is not None]
-            if futures:
-                self._loop.call_soon_threadsafe(_settle, futures, error)
-        conn.close()
+_EVENT_COLUMNS = "SELECT seq, call_sid, type, data, received_at, acked_at, processed_at FROM events"
 
-    def _commit(self, conn: sqlite3.Connection, batch: list) -> BaseException | None:
-        try:
-            conn.execute("BEGIN")
-            for kind, row, _ in batch:
-                conn.execute(self._SQL[kind], row)
-            conn.execute("COMMIT")
-            self._error = None
-            return None
-        except (sqlite3.Error, OSError) as exc:  # disk full, locked: report, keep serving reads
-            self._error = exc
-            try:
-                conn.execute("ROLLBACK")
-            except sqlite3.Error:
-                pass
-            return exc
+
+def _event(row: tuple) -> Event:
+    seq, call_sid, type_, data, received, acked, processed = row
+    return Event(type=type_, call_sid=call_sid, data=json.loads(data), received_at=received, acked_at=acked,
+                 processed_at=processed, seq=seq)
+
+
+def _row(kind: str, payload: Any) -> tuple:
+    if kind == "session":
+        return (payload.call_sid, payload.state.value, json.dumps(payload.to_dict()), payload.updated_at)
+    if kind == "claim":
+        return tuple(payload)
+    return (payload.seq, payload.call_sid, payload.type, json.dumps(payload.data, default=str),
+            payload.received_at, payload.acked_at, payload.processed_at)
 
 
 def _settle(futures: list[asyncio.Future], error: BaseException | None) -> None:

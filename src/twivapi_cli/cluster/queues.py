@@ -2,10 +2,10 @@
 were acknowledged, by whichever process holds the call's lease.
 
     CallQueues (protocol, below)
-    ├── LocalQueues   one bridge process (memory and SQLite stores): a deque and a flag per call
-    └── RedisQueues   several instances (store/redis.py): a list and a leased key per call in Redis
+    ├── LocalQueues   one bridge process (LocalCluster): a deque and a flag per call
+    └── RedisQueues   several instances (cluster/redis.py): a list and a leased key per call in Redis
 
-The drain loop that uses them lives in ``bridge/sessions.py``; it is the same for both:
+The drain loop that uses them lives in ``bridge/drain.py``; it is the same for both:
 
     push(item) -> got the lease?  yes: drain        drain: head -> apply -> advance -> apply ... until empty
     head is for a call we don't know yet: pause()    (parked; release() or the sweep drains it later)
@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import collections
 import time
-from typing import Any, Protocol
+from typing import Protocol
 
 
 class CallQueues(Protocol):
@@ -43,6 +43,8 @@ class CallQueues(Protocol):
         """Remove the queue; the number of items it held."""
     async def pending(self, older_than_s: float) -> list[str]:
         """Keys whose queue has been non-empty for longer than ``older_than_s``."""
+    def stats(self) -> dict[str, int]:
+        """Queued and parked calls, for /health (Redis: this instance's view is not kept: empty)."""
 
 
 class LocalQueues:
@@ -109,5 +111,5 @@ class LocalQueues:
         cutoff = time.monotonic() - older_than_s
         return [key for key, since in self._since.items() if since < cutoff]
 
-    def stats(self) -> dict[str, Any]:
+    def stats(self) -> dict[str, int]:
         return {"queued_calls": len(self._queues), "parked_calls": len(self._queues) - len(self._held)}

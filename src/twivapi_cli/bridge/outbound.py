@@ -1,0 +1,137 @@
+"""Assistant audio on its way to the caller: framing, the queue, pacing, marks and barge-in.
+
+Vapi's audio is cut into 20 ms mu-law frames (a partial frame waits for the next chunk: never padded
+mid-utterance, never dropped; at the end of an utterance it is padded with silence), queued, and
+paced so Twilio never holds more than ``LEAD_MS`` of it unplayed. After every ``MARK_EVERY`` frames,
+and at the end of what is queued, a ``mark`` named ``<generation>:<ms sent>`` goes out; its echo
+tells what the caller actually heard.
+
+An interruption drops the queue, resets the outbound resampler and moves the generation on, so the
+marks and late frames of the interrupted turn are ignored; until Vapi's next turn starts (or a gap
+of ``STALE_AUDIO_GAP`` in its audio), what it still sends of the old turn is dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import time
+from typing import Awaitable, Callable, Protocol
+
+from .. import twilio_media
+from ..audio import Framer
+
+FRAME_MS = 20
+MULAW_FRAME = 160                # 20 ms of mu-law at 8 kHz
+MULAW_SILENCE = b"\xff"
+LEAD_MS = 120                    # most assistant audio Twilio may hold unplayed
+STALE_AUDIO_GAP = 0.3            # after barge-in, Vapi audio this long after the last frame is a new turn
+MARK_EVERY = 5                   # a mark per 100 ms of audio: playback position to 100 ms, half the messages
+
+SendText = Callable[[str], Awaitable[None]]
+
+
+class Converter(Protocol):
+    """audio.py's per-call converters (Vapi's format -> mu-law): stateful, resettable at barge-in."""
+    def convert(self, data: bytes) -> bytes: ...
+    def reset(self) -> None: ...
+
+
+class Outbound:
+    """One call's assistant audio: ``push`` chunks in, ``pace`` sends them to Twilio."""
+
+    def __init__(self, converter: Converter, send: SendText):
+        self.converter, self.send = converter, send   # converter: Vapi's format -> mu-law (audio.py)
+        self.stream_sid: str | None = None
+        self.framer = Framer(MULAW_FRAME)
+        self.queue: collections.deque[bytes] = collections.deque()
+        self.ready = asyncio.Event()
+        self.generation = 0
+        self.sent_ms = 0           # audio sent to Twilio in this generation
+        self.played_ms = 0         # ... and confirmed played by an echoed mark
+        self.frames_out = 0
+        self.muted = False         # dropping the rest of an interrupted turn
+        self._play_clock: float | None = None
+        self._last_audio = 0.0
+        self.speech_ended_at: float | None = None   # the caller stopped speaking: first audio is timed from it
+        self.on_first_audio: Callable[[float], Awaitable[None]] | None = None
+
+    @property
+    def playing(self) -> bool:
+        return bool(self.queue) or self.sent_ms > self.played_ms
+
+    # --- from Vapi ------------------------------------------------------------------------------------
+    def push(self, chunk: bytes) -> bool:
+        """Queue a chunk of assistant audio; False if it was the stale tail of an interrupted turn."""
+        now = time.monotonic()
+        if self.muted:
+            if now - self._last_audio < STALE_AUDIO_GAP:
+                self._last_audio = now
+                return False
+            self.muted = False
+        self._last_audio = now
+        self.queue.extend(self.framer.push(self.converter.convert(chunk)))
+        self.ready.set()
+        return True
+
+    def end_of_utterance(self) -> None:
+        tail = self.framer.flush()
+        if tail:  # the last partial frame is padded with silence
+            self.queue.append(tail + MULAW_SILENCE * (MULAW_FRAME - len(tail)))
+            self.ready.set()
+
+    def new_turn(self) -> None:
+        self.muted = False
+
+    # --- from Twilio ---------------------------------------------------------------------------------
+    def played(self, mark_name: str) -> None:
+        generation, _, played = mark_name.partition(":")
+        if generation == str(self.generation) and played.isdigit():   # else: an interrupted turn's
+            self.played_ms = max(self.played_ms, int(played))
+
+    # --- barge-in ------------------------------------------------------------------------------------
+    def interrupt(self) -> bool:
+        """Drop what is queued and move the generation on; True if anything was playing (then send
+        ``clear``). The rest of the interrupted turn is muted either way."""
+        was_playing = self.playing
+        self.muted = True
+        if not was_playing:
+            return False  # already cleared by the other channel, or the assistant was silent
+        self.queue.clear()
+        self.framer.clear()
+        self.converter.reset()
+        self.generation += 1
+        self.sent_ms = self.played_ms = 0
+        self._play_clock = None
+        return True
+
+    # --- pacing --------------------------------------------------------------------------------------
+    async def pace(self) -> None:
+        """Send queued frames so Twilio holds at most LEAD_MS of unplayed audio; runs until cancelled."""
+        while True:
+            if not self.queue:
+                self.ready.clear()
+                await self.ready.wait()
+                continue
+            now = time.monotonic()
+            if self._play_clock is None or now > self._play_clock + self.sent_ms / 1000:
+                self._play_clock = now - self.sent_ms / 1000  # Twilio's buffer ran dry: playback restarts now
+            ahead_ms = self.sent_ms - (now - self._play_clock) * 1000
+            if ahead_ms >= LEAD_MS:
+                await asyncio.sleep((ahead_ms - LEAD_MS + FRAME_MS) / 1000)
+                continue
+            await self._send_frame(self.queue.popleft())
+
+    async def _send_frame(self, frame: bytes) -> None:
+        generation = self.generation
+        await self.send(twilio_media.media_frame(self.stream_sid, frame))
+        if generation != self.generation:
+            return  # interrupted while sending
+        self.sent_ms += FRAME_MS
+        self.frames_out += 1
+        if self.frames_out % MARK_EVERY == 0 or not self.queue:
+            await self.send(twilio_media.serialize(twilio_media.Mark(self.stream_sid,
+                                                                     f"{self.generation}:{self.sent_ms}")))
+        if self.speech_ended_at is not None and self.on_first_audio is not None:
+            ended, self.speech_ended_at = self.speech_ended_at, None
+            await self.on_first_audio(ended)

@@ -1,0 +1,120 @@
+"""One call's socket to Vapi's WebSocket transport (``websocketCallUrl``): caller audio out as binary
+frames, assistant audio and control messages (JSON text) in.
+
+Caller audio that arrives before the socket is open waits in a buffer of ``EARLY_AUDIO_FRAMES``
+(10 s) and is flushed in order when it opens; past the bound the oldest frame is dropped and
+counted (``media.early_dropped``)."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import json
+import time
+from typing import Any, Awaitable, Callable
+
+import websockets
+
+from ..models import EventType
+from .events import Recorder
+
+VAPI_CONNECT_TIMEOUT = 10.0
+EARLY_AUDIO_FRAMES = 500         # 10 s of caller audio held until Vapi's socket opens
+RELAY_SAMPLE_EVERY = 50          # one media.relay event per 50 frames (1 s), not one per frame
+
+
+class VapiLeg:
+    def __init__(self, recorder: Recorder, api_key: str):
+        self.recorder, self._api_key = recorder, api_key
+        self.call_sid: str | None = None
+        self.socket: Any = None
+        self.frames_in = 0       # caller frames relayed to Vapi
+        self.early: collections.deque[bytes] = collections.deque()
+        self.early_dropped = 0
+
+    async def open(self, url: str) -> bool:
+        """Connect; False (recorded) if Vapi's socket could not be opened."""
+        try:
+            self.socket = await websockets.connect(url, max_size=2**20, compression=None,
+                                                   additional_headers={"Authorization": f"Bearer {self._api_key}"},
+                                                   open_timeout=VAPI_CONNECT_TIMEOUT)
+        except (OSError, websockets.WebSocketException, asyncio.TimeoutError) as exc:
+            await self.recorder.record(EventType.MEDIA_VAPI_CONNECT_FAILED, self.call_sid, error=type(exc).__name__)
+            return False
+        return True
+
+    async def relay(self, frame: bytes, received: float) -> None:
+        """A caller frame: sent, or held until the socket opens."""
+        if self.socket is not None and not self.early:   # (frames that waited go first: flush_early)
+            return await self.send_audio(frame, received)
+        if len(self.early) >= EARLY_AUDIO_FRAMES:
+            self.early.popleft()
+            self.early_dropped += 1
+            self.recorder.count("media.early_dropped")
+        self.early.append(frame)
+
+    async def flush_early(self) -> int:
+        """Send what waited for the socket, in order; how many frames that was."""
+        flushed = len(self.early)
+        while self.early:
+            await self.send_audio(self.early.popleft(), time.monotonic())
+        return flushed
+
+    async def send_audio(self, frame: bytes, received: float) -> None:
+        """Relay one caller frame (received at ``received``, monotonic); one in 50 is timed."""
+        try:
+            await self.socket.send(frame)
+        except websockets.ConnectionClosed:
+            return
+        self.frames_in += 1
+        if self.frames_in % RELAY_SAMPLE_EVERY == 0:
+            await self.recorder.record(EventType.MEDIA_RELAY, self.call_sid, direction="caller->vapi",
+                                       ms=round((time.monotonic() - received) * 1000, 3))
+
+    async def send_json(self, message: dict) -> None:
+        if self.socket is not None:
+            try:
+                await self.socket.send(json.dumps(message))
+            except websockets.ConnectionClosed:
+                pass
+
+    async def send_dtmf(self, digit: str) -> None:
+        # Vapi's transport has no DTMF frame; a documented control message carries it instead.
+        await self.send_json({"type": "add-message", "triggerResponseEnabled": True,
+                              "message": {"role": "user", "content": f"The caller pressed {digit}."}})
+
+    async def receive(self, on_audio: Callable[[bytes], None],
+                      on_control: Callable[[str], Awaitable[None]]) -> None:
+        """Until Vapi closes its socket: audio to ``on_audio``, control messages to ``on_control``."""
+        try:
+            async for frame in self.socket:
+                if isinstance(frame, bytes):
+                    on_audio(frame)
+                else:
+                    await on_control(frame)
+        except websockets.ConnectionClosed:
+            pass
+
+    async def close(self) -> None:
+        if self.socket is not None:
+            await self.send_json({"type": "end-call"})
+            await self.socket.close()
+
+
+def control_event(text: str) -> tuple[str, str | None] | None:
+    """What one of Vapi's control messages on the transport means for the media stream:
+    ``("interrupt" | "caller-stopped" | "assistant-started" | "assistant-stopped" | "ended", detail)``,
+    or None for anything else (unknown types, bad JSON)."""
+    try:
+        message = json.loads(text)
+        kind = message.get("type")
+    except (ValueError, AttributeError, RecursionError):
+        return None
+    role, status = message.get("role"), message.get("status")
+    if kind == "user-interrupted" or (kind == "speech-update" and role == "user" and status == "started"):
+        return "interrupt", None
+    if kind == "speech-update" and status in ("started", "stopped") and role in ("user", "assistant"):
+        return ("caller" if role == "user" else "assistant") + "-" + status, None
+    if kind == "status-update" and status == "ended":
+        return "ended", str(message.get("endedReason") or "vapi-ended")
+    return None
