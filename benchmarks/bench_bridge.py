@@ -136,7 +136,8 @@ def run_one(calls: int, seconds: float, audio_format: str, tmp: Path) -> dict:
         public = f"http://127.0.0.1:{port}"
         bridge_env = {**env, "VAPI_BASE_URL": values["VAPI_BASE_URL"], "VAPI_ASSISTANT_ID": assistant["id"],
                       "TWIVAPI_PUBLIC_URL": public, "TWIVAPI_STORE": f"sqlite:///{tmp}/bridge-{calls}-{audio_format}.db",
-                      "TWIVAPI_AUDIO_FORMAT": audio_format, "TWIVAPI_SETUP_QUEUE_LIMIT": "5000"}
+                      "TWIVAPI_AUDIO_FORMAT": audio_format, "TWIVAPI_SETUP_QUEUE_LIMIT": "5000",
+                      "TWIVAPI_DRAIN_TIMEOUT": "1"}
         bridge = subprocess.Popen([TWIVAPI, "serve", "--port", str(port), "--log-level", "warning"], env=bridge_env,
                                   cwd=tmp, stderr=subprocess.DEVNULL)
         wait_http(public + "/health")

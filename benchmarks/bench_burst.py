@@ -232,7 +232,7 @@ def twivapi_side(tmp: Path, calls: int, rate: float) -> dict:
             bridge = subprocess.Popen([TWIVAPI, "serve", "--port", str(port), "--log-level", "warning"], env={
                 **base, "VAPI_BASE_URL": vapi_url, "VAPI_ASSISTANT_ID": assistant["id"], "TWIVAPI_MODE": "stream",
                 "TWIVAPI_PUBLIC_URL": PUBLIC, "TWIVAPI_STORE": f"sqlite:///{db}",
-                "TWIVAPI_STATE_DIR": str(work / "state")}, cwd=work, stdout=subprocess.DEVNULL, stderr=serve_log)
+                "TWIVAPI_STATE_DIR": str(work / "state"), "TWIVAPI_DRAIN_TIMEOUT": "1"}, cwd=work, stdout=subprocess.DEVNULL, stderr=serve_log)
             _up(url + "/health", bridge, work / "serve.log")
             sent = load(url + "/twilio/voice", PUBLIC + "/twilio/voice", calls, rate)
             _check_rate(f"{TWIVAPI_NAME}, {calls} at {rate}/s", rate, sent)

@@ -64,7 +64,8 @@ def webhook_rows(quick: bool) -> list[dict]:
                 for i, store in enumerate(stores):
                     port = bw.free_port()
                     env = {**base, "TWIVAPI_STORE": store, "TWIVAPI_REDIS_PREFIX": prefix,
-                           "TWIVAPI_STATE_DIR": str(tmp_path / f"state-{name[0]}-{i}")}
+                           "TWIVAPI_STATE_DIR": str(tmp_path / f"state-{name[0]}-{i}"),
+                           "TWIVAPI_DRAIN_TIMEOUT": "1"}   # calls that never stream: do not wait for them
                     procs.append(subprocess.Popen([twivapi, "serve", "--port", str(port), "--log-level", "warning"],
                                                   env=env, cwd=tmp_path, stderr=subprocess.DEVNULL))
                     ports.append(port)
@@ -176,7 +177,7 @@ def bargein_media_rows(quick: bool) -> list[dict]:
             **os.environ, "TWILIO_AUTH_TOKEN": "bench-token", "VAPI_API_KEY": "bench-key",
             "VAPI_WEBHOOK_SECRET": "bench-secret", "VAPI_ASSISTANT_ID": assistant, "VAPI_BASE_URL": sims.vapi_url,
             "TWIVAPI_PUBLIC_URL": f"http://127.0.0.1:{port}", "TWIVAPI_STORE": "redis://127.0.0.1:6379/0",
-            "TWIVAPI_REDIS_PREFIX": prefix, "TWIVAPI_STATE_DIR": f"{tmp}/{port}"},
+            "TWIVAPI_REDIS_PREFIX": prefix, "TWIVAPI_STATE_DIR": f"{tmp}/{port}", "TWIVAPI_DRAIN_TIMEOUT": "1"},
             stderr=subprocess.DEVNULL) for port in ports]
         a, b = (f"http://127.0.0.1:{port}" for port in ports)
 

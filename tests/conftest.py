@@ -16,3 +16,12 @@ def _isolated_env(monkeypatch, tmp_path):
         if name.startswith(_PREFIXES):
             monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("TWIVAPI_STATE_DIR", str(tmp_path / "state"))
+
+
+@pytest.fixture(scope="module")
+def sims():
+    """The product's simulators of Twilio and Vapi on loopback (``tests/sims.py``), one pair per test
+    module; a module that needs more (an assistant, a number) builds on it with its own ``sims``."""
+    from .sims import running_sims
+    with running_sims() as running:
+        yield running

@@ -18,11 +18,10 @@ from .support import PUBLIC, TOKEN, bridge_settings, new_call_sid, running_bridg
 
 
 @pytest.fixture(scope="module")
-def sims():
-    with running_sims() as running:
-        running.assistant_id = running.assistant()
-        running.phone_number_id = running.phone_number()
-        yield running
+def sims(sims):
+    sims.assistant_id = sims.assistant()
+    sims.phone_number_id = sims.phone_number()
+    return sims
 
 
 @pytest.fixture

@@ -16,12 +16,6 @@ from .sims import running_sims
 from .support import bridge_settings, place_call, running_bridge
 
 
-@pytest.fixture(scope="module")
-def sims():
-    with running_sims() as running:
-        yield running
-
-
 @pytest.fixture
 def bridge(sims):
     sims.clear_faults()

@@ -63,11 +63,10 @@ class Ended:
 
 
 @pytest.fixture(scope="module")
-def sims():
-    with running_sims() as running:
-        # one assistant for every call: it sends back exactly what it hears (bit-exact checks)
-        running.echo_assistant = running.assistant(behavior="echo")
-        yield running
+def sims(sims):
+    # one assistant for every call: it sends back exactly what it hears (bit-exact checks)
+    sims.echo_assistant = sims.assistant(behavior="echo")
+    return sims
 
 
 class EndedCalls:

@@ -17,9 +17,8 @@ from .support import TOKEN, bridge_settings, place_call, running_bridge
 
 
 @pytest.fixture(scope="module")
-def vapi():
-    with running_sims() as sims:
-        yield sims
+def vapi(sims):
+    return sims
 
 
 def public_bridge(bridge) -> str:

@@ -52,11 +52,10 @@ CALLER_HANGS_UP_AT = 6.0  # a caller left in silence would hang up here; every f
 
 
 @pytest.fixture(scope="module")
-def sims():
-    with running_sims() as running:
-        running.assistant_id = running.assistant(greeting_ms=500)
-        running.phone_number_id = running.phone_number()
-        yield running
+def sims(sims):
+    sims.assistant_id = sims.assistant(greeting_ms=500)
+    sims.phone_number_id = sims.phone_number()
+    return sims
 
 
 @pytest.fixture

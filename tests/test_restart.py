@@ -22,12 +22,6 @@ from .sims import running_sims
 from .support import TOKEN, VAPI_KEY, VAPI_SECRET, free_port, new_call_sid, place_call, start_serve
 
 
-@pytest.fixture(scope="module")
-def sims():
-    with running_sims() as running:
-        yield running
-
-
 def settle(predicate, timeout=10.0):
     deadline = time.monotonic() + timeout
     while not (value := predicate()):

@@ -34,12 +34,6 @@ pytestmark = [pytest.mark.redis,
 URL = "redis://127.0.0.1:6379/0"
 
 
-@pytest.fixture(scope="module")
-def sims():
-    with running_sims() as running:
-        yield running
-
-
 @pytest.fixture
 def prefix():
     value = f"twivapi-test:{uuid.uuid4().hex[:8]}:"

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import Settings
+from .config import Settings, revealed
 from .errors import ApiError, ConfigError, TwilioApiError, UsageError, VapiApiError
 
 STATE_FILE = "provision.json"
@@ -70,7 +70,7 @@ class State:
     data: dict = field(default_factory=dict)
 
     @classmethod
-    def load(cls, state_dir: Path) -> "State":
+    def load(cls, state_dir: Path) -> State:
         path = Path(state_dir) / STATE_FILE
         try:
             return cls(path, json.loads(path.read_text()))
@@ -128,11 +128,11 @@ class Accounts:
         settings.require("twilio_account_sid", "twilio_auth_token", "vapi_api_key")
         if twilio_client is None:
             from twilio.rest import Client
-            twilio_client = Client(settings.twilio_account_sid, settings.twilio_auth_token.reveal())
+            twilio_client = Client(settings.twilio_account_sid, revealed(settings.twilio_auth_token))
             if settings.twilio_api_base_url != "https://api.twilio.com":
                 twilio_client.api.base_url = settings.twilio_api_base_url   # the SDK's documented override
         self.twilio = twilio_client
-        self.vapi = vapi or VapiClient(settings.vapi_base_url, settings.vapi_api_key.reveal())
+        self.vapi = vapi or VapiClient(settings.vapi_base_url, revealed(settings.vapi_api_key))
         self.settings = settings
 
     async def tw(self, what: str, fn, *args, **kwargs):
@@ -145,7 +145,7 @@ class Accounts:
             raise TwilioApiError(f"Twilio: {what} failed: HTTP {exc.status}, code {exc.code}: {exc.msg}",
                                  status=exc.status, code=exc.code, hint=hint) from None
         except TwilioException as exc:   # list pages fail with (text, response) instead
-            response = exc.args[1] if len(exc.args) > 1 else None
+            response: Any = exc.args[1] if len(exc.args) > 1 else None   # the SDK's Response (untyped), or None
             status = getattr(response, "status_code", None)
             try:
                 message = json.loads(response.text).get("message")
@@ -284,7 +284,7 @@ async def _import_native(accounts: Accounts, settings: Settings, state: State) -
         number["prior"] = {f: None for f in WEBHOOK_FIELDS}
     imported = await accounts.vapi.import_twilio_number({
         "number": number["phone_number"], "twilioAccountSid": settings.twilio_account_sid,
-        "twilioAuthToken": settings.twilio_auth_token.reveal(), "assistantId": assistant["id"],
+        "twilioAuthToken": revealed(settings.twilio_auth_token), "assistantId": assistant["id"],
         "name": "twivapi", "smsEnabled": False})
     state.data["vapi_phone_number"] = {"id": imported["id"], "created": True}
 

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from .config import Settings
 from .errors import TunnelError
@@ -55,11 +55,14 @@ def open_tunnel(settings: Settings, port: int) -> Tunnel:
     except PyngrokError as exc:
         message = str(exc).replace(settings.ngrok_authtoken.reveal(), "***")
         raise TunnelError(f"ngrok did not start: {message}", hint="check NGROK_AUTHTOKEN and the ngrok binary") from None
-    public = tunnel.public_url.replace("http://", "https://", 1)
+    tunnel_url = tunnel.public_url
+    if tunnel_url is None:   # pyngrok's connect() raises first; its type leaves the URL optional
+        raise TunnelError("ngrok did not report a public URL", hint="check the ngrok binary")
+    public = tunnel_url.replace("http://", "https://", 1)
 
     def close() -> None:
         try:
-            ngrok.disconnect(tunnel.public_url, pyngrok_config=config)
+            ngrok.disconnect(tunnel_url, pyngrok_config=config)
         except PyngrokError:
             pass
         ngrok.kill(pyngrok_config=config)

@@ -3,12 +3,20 @@
 from __future__ import annotations
 
 import json
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Optional
+from types import ModuleType
+from typing import TYPE_CHECKING, Any, Optional
 
 import typer
 
 from ._common import ENV_FILE_OPTION, errors_to_exit, load, stderr_console, stdout_console
+
+if TYPE_CHECKING:   # `tail` itself is imported when the command runs: `twivapi --help` stays fast
+    from rich.console import Group
+    from rich.text import Text
+
+    from ..tail import Filters, Notice, Target
 
 RECENT = 12
 
@@ -42,7 +50,7 @@ def register(app: typer.Typer) -> None:
             asyncio.run(runner(lib, target, filters, once, show_numbers))
 
 
-def _since(lib, text):
+def _since(lib: ModuleType, text: str | None) -> float | None:
     from ..errors import UsageError
     try:
         return lib.parse_since(text)
@@ -50,7 +58,7 @@ def _since(lib, text):
         raise UsageError(str(exc)) from None
 
 
-def _target(lib, url, token, state_dir):
+def _target(lib: ModuleType, url: str | None, token: str | None, state_dir: str | Path) -> Target:
     from ..errors import TargetUnreachable
     if url:
         return lib.Target(url.rstrip("/"), token)
@@ -61,7 +69,7 @@ def _target(lib, url, token, state_dir):
     return found
 
 
-async def _json(lib, target, filters, once, show_numbers) -> None:
+async def _json(lib: ModuleType, target: Target, filters: Filters, once: bool, show_numbers: bool) -> None:
     async for item in _events(lib, target, filters, once):
         if isinstance(item, lib.Notice):
             stderr_console().print(f"[yellow]-- {item.message}[/yellow]")
@@ -69,7 +77,8 @@ async def _json(lib, target, filters, once, show_numbers) -> None:
             typer.echo(json.dumps(lib.mask_event(item, show_numbers), default=str))
 
 
-async def _events(lib, target, filters, once):
+async def _events(lib: ModuleType, target: Target, filters: Filters, once: bool
+                  ) -> AsyncIterator[dict[str, Any] | Notice]:
     import httpx
 
     from ..errors import TargetUnreachable
@@ -83,7 +92,7 @@ async def _events(lib, target, filters, once):
         raise TargetUnreachable(str(exc)) from None
 
 
-async def _snapshot(lib, target, filters, once, show_numbers) -> None:
+async def _snapshot(lib: ModuleType, target: Target, filters: Filters, once: bool, show_numbers: bool) -> None:
     import httpx
 
     from ..errors import TargetUnreachable
@@ -101,36 +110,39 @@ async def _snapshot(lib, target, filters, once, show_numbers) -> None:
     stdout_console().print(tail_view(snap, recent[-RECENT:]))
 
 
-async def _live(lib, target, filters, once, show_numbers) -> None:
+async def _live(lib: ModuleType, target: Target, filters: Filters, once: bool, show_numbers: bool) -> None:
     import asyncio
     import collections
 
     from rich.live import Live
 
     from ..ui import event_line, notice_line, tail_view
-    recent: collections.deque = collections.deque(maxlen=RECENT)
-    state = {"snap": {"sessions": [], "latency": {}}, "status": None, "dropped": 0}
+    recent: collections.deque[Text] = collections.deque(maxlen=RECENT)
+    last_snap: dict[str, Any] = {"sessions": [], "latency": {}}
+    status: Text | None = None
+    dropped = 0
 
     async def poll() -> None:
+        nonlocal last_snap
         while True:
             try:
                 snap = await lib.snapshot(target)
                 snap["sessions"] = [lib.mask(s, show_numbers=show_numbers) for s in snap["sessions"]]
-                state["snap"] = snap
+                last_snap = snap
             except Exception:  # the event stream reports outages; the panels keep their last figures
                 pass
             await asyncio.sleep(1.0)
 
-    def render():
-        return tail_view(state["snap"], list(recent), state["status"], state["dropped"])
+    def render() -> Group:
+        return tail_view(last_snap, list(recent), status, dropped)
 
     poller = asyncio.create_task(poll())
     try:
         with Live(console=stdout_console(), refresh_per_second=4, get_renderable=render):
             async for item in lib.follow(target, filters, rediscover=filters.rediscover):
                 if isinstance(item, lib.Notice):
-                    state["status"] = notice_line(item.message, item.kind)
-                    state["dropped"] += item.count
+                    status = notice_line(item.message, item.kind)
+                    dropped += item.count
                 else:
                     recent.append(event_line(lib.mask_event(item, show_numbers)))
     finally:
