@@ -18,9 +18,7 @@ import asyncio
 import base64
 import json
 import os
-import platform
 import sqlite3
-import statistics
 import subprocess
 import sys
 import tempfile

@@ -22,7 +22,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_webhooks as bw  # noqa: E402
-
 from twivapi_cli import signing  # noqa: E402
 
 
@@ -108,7 +107,6 @@ def bargein_rows(quick: bool) -> list[dict]:
     from twivapi_cli.bridge.server import start_in_thread
     from twivapi_cli.cluster import open_state
     from twivapi_cli.config import Secret, Settings
-    from twivapi_cli.store.redis import RedisStore
     from twivapi_cli.vapi_api import VapiClient
 
     prefix = f"bench-{uuid.uuid4().hex[:6]}:"
@@ -157,11 +155,12 @@ def bargein_media_rows(quick: bool) -> list[dict]:
     """Real calls through two `twivapi serve` processes on Redis: the caller's media socket on A,
     the barge-in webhook on B; from B's webhook sent to the `clear` arriving at the caller (callers
     and simulators in this process, one clock)."""
+    import httpx
+
     from common import free_port, pct, wait_http
     from twivapi_cli.sim.server import start_sims
     from twivapi_cli.sim.state import SimCredentials, SimState
     from twivapi_cli.sim.twilio_caller import CallerPlan, SimulatedCaller
-    import httpx
 
     creds = SimCredentials(auth_token="bench-token", vapi_api_key="bench-key", vapi_webhook_secret="bench-secret")
     prefix = f"bench-{uuid.uuid4().hex[:6]}:"

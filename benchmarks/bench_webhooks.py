@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile

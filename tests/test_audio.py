@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import numpy as np
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
 from twivapi_cli import audio
 
@@ -94,7 +96,7 @@ def test_framer_never_drops_or_pads(data, cuts):
     framer = audio.Framer(160)
     out = []
     points = sorted({0, len(data), *[c for c in cuts if c <= len(data)]})
-    for a, b in zip(points, points[1:]):
+    for a, b in itertools.pairwise(points):
         out += framer.push(data[a:b])
     assert all(len(f) == 160 for f in out)
     assert b"".join(out) + framer.flush() == data

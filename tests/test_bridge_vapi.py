@@ -13,8 +13,13 @@ import pytest
 from twivapi_cli.models import CallState
 from twivapi_cli.store.memory import MemoryStore
 
-from .test_bridge_webhooks import settings_for, sims, vapi, wait_for  # noqa: F401 (fixtures)
+from . import test_bridge_webhooks
 from .support import new_call_sid, running_bridge
+from .test_bridge_webhooks import settings_for, wait_for
+
+# the webhook tests' fixtures, shared: pytest finds a fixture by a module-level name
+sims = test_bridge_webhooks.sims
+vapi = test_bridge_webhooks.vapi
 
 
 @pytest.fixture

@@ -13,7 +13,6 @@ from twivapi_cli.models import CallState
 from twivapi_cli.store.memory import MemoryStore
 from twivapi_cli.store.sqlite import SQLiteStore
 
-from .sims import running_sims
 from .support import PUBLIC, TOKEN, bridge_settings, new_call_sid, running_bridge
 
 

@@ -12,7 +12,6 @@ from twivapi_cli.models import CallState
 from twivapi_cli.sim.twilio_caller import CallerPlan
 from twivapi_cli.store.memory import MemoryStore
 
-from .sims import running_sims
 from .support import bridge_settings, place_call, running_bridge
 
 

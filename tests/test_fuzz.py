@@ -11,7 +11,8 @@ import time
 
 import httpx
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from twivapi_cli import signing
 from twivapi_cli.models import CallState

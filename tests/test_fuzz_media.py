@@ -34,17 +34,16 @@ from typing import Any
 import httpx
 import pytest
 import websockets
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-from twivapi_cli import signing
-from twivapi_cli import twilio_media
+from twivapi_cli import signing, twilio_media
 from twivapi_cli.bridge import media
 from twivapi_cli.models import CallState
 from twivapi_cli.sim.twilio_caller import CallerPlan
 from twivapi_cli.store.memory import MemoryStore
 
 from .polling import until, wait_for
-from .sims import running_sims
 from .support import TOKEN, VAPI_SECRET, bridge_settings, new_call_sid, place_call, running_bridge
 
 EXAMPLES = 500         # connections per property, normal run
@@ -148,7 +147,7 @@ class GoodCall:
         except BaseException as exc:   # reported by check()
             self.error = exc
 
-    def __enter__(self) -> "GoodCall":
+    def __enter__(self) -> GoodCall:
         self.started = time.monotonic()
         self.thread.start()
         deadline = time.monotonic() + 10

@@ -12,7 +12,6 @@ from twivapi_cli.models import CallState
 from twivapi_cli.sim.twilio_caller import CallerPlan
 from twivapi_cli.store.memory import MemoryStore
 
-from .sims import running_sims
 from .support import TOKEN, bridge_settings, place_call, running_bridge
 
 
@@ -151,6 +150,7 @@ def test_store_down_when_the_stream_starts_closes_it_with_1011(vapi):
     import json
 
     import websockets
+
     from twivapi_cli import signing
     store = _StoreThatCanFail()
     with running_bridge(local_settings(vapi, vapi.assistant()), store, public_from_server=True) as bridge:

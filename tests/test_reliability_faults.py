@@ -43,7 +43,6 @@ from twivapi_cli.store.memory import MemoryStore
 from twivapi_cli.store.sqlite import SQLiteStore
 
 from .polling import wait_for
-from .sims import running_sims
 from .support import PUBLIC, TOKEN, VAPI_SECRET, bridge_settings, new_call_sid, place_call, running_bridge
 
 SETUP_DEADLINE = 1.5      # stream mode: the bridge's POST /call deadline, shortened from 8 s for the test

@@ -12,13 +12,11 @@ import threading
 import time
 
 import httpx
-import pytest
 
 from twivapi_cli import signing
 from twivapi_cli.models import CallState, Session
 from twivapi_cli.sim.twilio_caller import CallerPlan
 
-from .sims import running_sims
 from .support import TOKEN, VAPI_KEY, VAPI_SECRET, free_port, new_call_sid, place_call, start_serve
 
 

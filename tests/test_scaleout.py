@@ -15,18 +15,27 @@ from pathlib import Path
 
 import httpx
 import pytest
+from starlette.routing import Mount
 
 from twivapi_cli import signing
 from twivapi_cli import tail as tail_lib
 from twivapi_cli.bridge.admin import create_admin_app
-from starlette.routing import Mount
 from twivapi_cli.models import CallState, Session, Trigger
 from twivapi_cli.sim.twilio_caller import CallerPlan
 from twivapi_cli.store.redis import RedisStore
 
-from .sims import running_sims
-from .support import (TOKEN, VAPI_KEY, VAPI_SECRET, bridge_settings, dial, free_port, new_call_sid, place_call,
-                      running_bridge, start_serve)
+from .support import (
+    TOKEN,
+    VAPI_KEY,
+    VAPI_SECRET,
+    bridge_settings,
+    dial,
+    free_port,
+    new_call_sid,
+    place_call,
+    running_bridge,
+    start_serve,
+)
 from .test_store import redis_available
 
 pytestmark = [pytest.mark.redis,

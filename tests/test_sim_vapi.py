@@ -125,7 +125,7 @@ def shallow_property(node: dict) -> dict:
             return {"$ref": refs[0]}
         if len(refs) > 1 and all(r in NESTED for r in refs):
             return {"oneOf": refs, "discriminator": "provider"}
-        kinds = {"object" if r else a.get("type") for r, a in zip(refs, alts)}
+        kinds = {"object" if r else a.get("type") for r, a in zip(refs, alts, strict=True)}
         return {"type": kinds.pop()} if len(kinds) == 1 and None not in kinds else {}
     out = {k: node[k] for k in ("type", "enum", "minimum", "maximum", "minLength", "maxLength") if k in node}
     if out.get("type") == "object" and all(isinstance(v, str) for v in out.get("enum", [None])):

@@ -36,7 +36,8 @@ import pytest
 
 from twivapi_cli import net
 from twivapi_cli.models import CallState
-from twivapi_cli.sim.twilio_caller import FRAME as FRAME_BYTES, CallerPlan, SimulatedCaller
+from twivapi_cli.sim.twilio_caller import FRAME as FRAME_BYTES
+from twivapi_cli.sim.twilio_caller import CallerPlan, SimulatedCaller
 from twivapi_cli.store import memory
 from twivapi_cli.store.sqlite import SQLiteStore
 
@@ -168,7 +169,7 @@ async def place_calls(bridge, count: int) -> list[Done]:
                 result = await asyncio.wait_for(caller.call(bridge.url + "/twilio/voice",
                                                             status_callback=bridge.url + "/twilio/status"),
                                                 CALL_TIMEOUT)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 return Done("?", "timeout", [f"call did not finish in {CALL_TIMEOUT} s"])
         return Done(result.call_sid, result.status, result.errors, len(result.heard), len(result.received),
                     getattr(result, "frames_sent", 0), [k for _, k, _ in result.timeline])

@@ -155,6 +155,7 @@ async def test_sqlite_survives_reopen(tmp_path):
 
 async def test_sqlite_locked_is_a_store_error_and_recovers(tmp_path):
     import sqlite3
+
     from twivapi_cli.errors import StoreError
     path = tmp_path / "locked.db"
     store = SQLiteStore(path, busy_timeout=0.1)

@@ -12,9 +12,10 @@ import logging
 import os
 import re
 import threading
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 from urllib.parse import urlsplit
 
 from .errors import ConfigError
@@ -286,7 +287,7 @@ class Settings:
     def store_url(self) -> str:
         return self.store or f"sqlite:///{self.state_dir / 'twivapi.db'}"
 
-    def with_overrides(self, **values: Any) -> "Settings":
+    def with_overrides(self, **values: Any) -> Settings:
         return replace(self, **values)
 
 

@@ -17,12 +17,14 @@ from __future__ import annotations
 import asyncio
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from . import audio
 from .config import Secret, Settings
+from .models import Mode
 
 GREETING_MS = 2000
 
@@ -82,8 +84,8 @@ ASSISTANT = {
 
 async def run_demo(workdir: Path | None = None, progress: Callable[[str], None] = lambda _: None) -> DemoReport:
     from .bridge.app import create_app
-    from .cluster import open_state
     from .bridge.server import bind, start_in_thread
+    from .cluster import open_state
     from .sim.server import start_sims
     from .sim.state import SimState
     from .vapi_api import VapiClient
@@ -106,8 +108,8 @@ async def run_demo(workdir: Path | None = None, progress: Callable[[str], None] 
             settings = Settings(
                 twilio_account_sid=creds.account_sid, twilio_auth_token=Secret(creds.auth_token),
                 twilio_api_base_url=sims.twilio_url, vapi_api_key=Secret(creds.vapi_api_key),
-                vapi_base_url=sims.vapi_url, vapi_webhook_secret=Secret(state.vapi.webhook_secret),
-                vapi_assistant_id=assistant["id"], public_url=public, mode="stream",
+                vapi_base_url=sims.vapi_url, vapi_webhook_secret=Secret(state.vapi.webhook_secret or creds.vapi_webhook_secret),
+                vapi_assistant_id=assistant["id"], public_url=public, mode=Mode.STREAM,
                 store=f"sqlite:///{workdir / 'demo.db'}", state_dir=workdir)
             app = create_app(settings, *open_state(settings.store_url), VapiClient(sims.vapi_url, creds.vapi_api_key))
             bridge = start_in_thread(app, sock=sock)
@@ -189,7 +191,7 @@ def _judge(name: str, result, state, bridge, app) -> CallReport:
             state.vapi.calls[v].status == "ended" for v in vapi_ids if v in state.vapi.calls)
         checks += [("race detected", bool(vapi_ids)), ("late Vapi call closed", vapi_ended)]
     elif name == "tool-call":
-        results = []
+        results: list[Any] = []
         for call in state.vapi.calls.values():
             overrides = call.record.get("assistantOverrides") or {}
             if (overrides.get("metadata") or {}).get("twilioCallSid") == result.call_sid:

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 
-class CallState(str, enum.Enum):
+class CallState(enum.StrEnum):
     RINGING = "ringing"        # Twilio's voice webhook arrived; TwiML answered
     SETTING_UP = "setting-up"  # the Vapi call is being created in the background
     READY = "ready"            # Vapi call exists (id known); waiting for media / Vapi to connect
@@ -28,7 +28,7 @@ class CallState(str, enum.Enum):
         return self in (CallState.ENDED, CallState.FAILED)
 
 
-class Trigger(str, enum.Enum):
+class Trigger(enum.StrEnum):
     """What happened to a call; the table below says where each takes it from each state."""
     SETUP_STARTED = "setup-started"        # POST /call is about to go out (stream: background; bypass: inline)
     VAPI_CALL_CREATED = "vapi-call-created"  # POST /call answered with a call
@@ -38,7 +38,7 @@ class Trigger(str, enum.Enum):
     END = "end"                            # hang-up, stop, end-of-call, expiry: the call is over
 
     @property
-    def wanted(self) -> "CallState":
+    def wanted(self) -> CallState:
         """The state this trigger moves a call to (what a refused move wanted, in the event log)."""
         return _WANTED[self]
 
@@ -78,7 +78,7 @@ def next_state(current: CallState, trigger: Trigger) -> CallState | None:
     return TRANSITIONS.get((current, trigger))
 
 
-class Outcome(str, enum.Enum):
+class Outcome(enum.StrEnum):
     MOVED = "moved"
     ALREADY = "already"      # the trigger leaves the call where it is: nothing to do, nothing recorded
     REJECTED = "rejected"    # not allowed from the current state: nothing changed
@@ -89,7 +89,7 @@ class Outcome(str, enum.Enum):
 class Transition:
     """What ``Store.transition(call_sid, trigger)`` did."""
     outcome: Outcome
-    session: "Session | None" = None      # the session after (MOVED, ALREADY) or as it is (REJECTED)
+    session: Session | None = None      # the session after (MOVED, ALREADY) or as it is (REJECTED)
     previous: CallState | None = None     # the state it was in
 
     @property
@@ -97,16 +97,13 @@ class Transition:
         return self.outcome is Outcome.MOVED
 
 
-class Mode(str, enum.Enum):
+class Mode(enum.StrEnum):
     STREAM = "stream"    # <Connect><Stream> to our bridge, relayed to Vapi's WebSocket transport
     BYPASS = "bypass"    # Vapi answers the TwiML (phoneCallProviderBypassEnabled)
     NATIVE = "native"    # the number is Vapi's own
 
-    def __str__(self) -> str:
-        return self.value
 
-
-class SignalKind(str, enum.Enum):
+class SignalKind(enum.StrEnum):
     """What the bridge tells whoever holds a call's media socket (here or on another instance)."""
     INTERRUPT = "interrupt"   # barge-in: clear what Twilio still plays
     SPEECH = "speech"         # a speech-update (the end of the caller's speech starts the latency clock)
@@ -138,7 +135,7 @@ class Session:
         return data
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "Session":
+    def from_dict(cls, data: dict[str, Any]) -> Session:
         data = dict(data)
         data["state"] = CallState(data["state"])
         known = cls.__dataclass_fields__
@@ -161,7 +158,7 @@ class Event:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "Event":
+    def from_dict(cls, data: dict[str, Any]) -> Event:
         known = cls.__dataclass_fields__
         return cls(**{k: v for k, v in data.items() if k in known})
 

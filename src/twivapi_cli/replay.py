@@ -235,18 +235,19 @@ class Runner:
         return {**defaults, **step.params}
 
     async def twilio_step(self, step: Step, variables: dict) -> httpx.Response:
+        assert step.twilio is not None   # a Twilio step (the fixture model guarantees it)
         path = step.path or TWILIO_WEBHOOKS[step.twilio]
         params = self.twilio_params(step, variables)
         token = self.creds.twilio_auth_token
         if token is None and step.signature != "none":
             raise FixtureError("", "a signed Twilio step needs TWILIO_AUTH_TOKEN (or --twilio-token)")
-        sign_token = token + "x" if step.signature == "wrong-token" else token
+        sign_token = (token or "") + "x" if step.signature == "wrong-token" else (token or "")
         sign_base = "https://wrong.example.invalid" if step.signature == "wrong-url" else self.public
         headers = {"I-Twilio-Idempotency-Token": step.idempotency_token or str(uuid.uuid4()),
                    "User-Agent": "TwilioProxy/1.1", **step.headers}
         if step.json_body:
             body = json.dumps(params, separators=(",", ":")).encode()
-            signed_url, signature = signing.sign_twilio_json(sign_token or "", sign_base + path, body)
+            signed_url, signature = signing.sign_twilio_json(sign_token, sign_base + path, body)
             url = self.target + signed_url[len(sign_base):]
             headers["Content-Type"] = "application/json"
             if step.signature != "none":
@@ -258,7 +259,7 @@ class Runner:
         return await self._post(self.target + path, data=params, headers=headers)
 
     async def vapi_step(self, step: Step, variables: dict) -> httpx.Response:
-        message = dict(step.vapi)
+        message = dict(step.vapi or {})
         message.setdefault("timestamp", int(time.time() * 1000))
         message.setdefault("call", {"id": variables["vapi_call_id"], "phoneCallProviderId": variables["call_sid"]})
         body = json.dumps({"message": message}).encode()
@@ -362,7 +363,7 @@ class Runner:
         elif step.media == "wait":
             await asyncio.sleep(step.ms / 1000)
         elif step.media == "dtmf":
-            await media.send(twilio_media.Dtmf(media.stream_sid, step.digit, track="inbound_track"))
+            await media.send(twilio_media.Dtmf(media.stream_sid, step.digit or "", track="inbound_track"))
         elif step.media == "mark":
             await media.send(twilio_media.Mark(media.stream_sid, step.mark or "m"))
         elif step.media == "stop":
@@ -370,7 +371,7 @@ class Runner:
                                                account_sid=self.creds.account_sid))
             try:
                 await asyncio.wait_for(media.closed.wait(), 2.0)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
         return media, self.check_media(step, media, started)
 
@@ -433,9 +434,8 @@ def percentiles(results: list[FixtureResult]) -> list[dict]:
     rows = []
     for (index, name), values in sorted(by_step.items()):
         values.sort()
-        def q(p: float) -> float:
-            return values[min(len(values) - 1, int(p * len(values)))]
-        rows.append({"step": index, "label": name, "n": len(values), "p50": q(0.5), "p95": q(0.95), "p99": q(0.99)})
+        rows.append({"step": index, "label": name, "n": len(values), "p50": _quantile(values, 0.5),
+                     "p95": _quantile(values, 0.95), "p99": _quantile(values, 0.99)})
     return rows
 
 
@@ -478,6 +478,7 @@ class InProcess:
         from .bridge.server import bind, start_in_thread
         from .cluster.local import LocalCluster
         from .config import Secret, Settings
+        from .models import Mode
         from .store.memory import MemoryStore
         from .vapi_api import VapiClient
 
@@ -491,11 +492,15 @@ class InProcess:
         creds = self.state.credentials
         settings = Settings(twilio_account_sid=creds.account_sid, twilio_auth_token=Secret(creds.auth_token),
                             vapi_api_key=Secret(creds.vapi_api_key), vapi_base_url=self.sims.vapi_url,
-                            vapi_webhook_secret=Secret(self.state.vapi.webhook_secret),
-                            vapi_assistant_id=assistant["id"], public_url=public, mode=fixture.mode,
+                            vapi_webhook_secret=Secret(self.state.vapi.webhook_secret or ""),
+                            vapi_assistant_id=assistant["id"], public_url=public, mode=Mode(fixture.mode),
                             vapi_phone_number_id=self._phone_number_id() if fixture.mode == "bypass" else None)
         app = create_app(settings, MemoryStore(), LocalCluster(), VapiClient(self.sims.vapi_url, creds.vapi_api_key))
         return start_in_thread(app, sock=sock), public
 
 
 _websocket_url = twilio_media.ws_url   # its former name here (tests/test_replay.py imports it)
+
+
+def _quantile(ordered: list[float], p: float) -> float:
+    return ordered[min(len(ordered) - 1, int(p * len(ordered)))]

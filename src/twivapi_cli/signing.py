@@ -19,7 +19,7 @@ import base64
 import hashlib
 import hmac
 import time
-from typing import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from twilio.request_validator import RequestValidator
@@ -35,7 +35,7 @@ class Params(dict):
         return self[name]
 
     @classmethod
-    def from_pairs(cls, pairs: Iterable[tuple[str, str]]) -> "Params":
+    def from_pairs(cls, pairs: Iterable[tuple[str, str]]) -> Params:
         params = cls()
         for name, value in pairs:
             params.setdefault(name, []).append(value)

@@ -17,9 +17,10 @@ import json
 import math
 import re
 import time
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable
+from typing import Any
 
 BRIDGE_FILE = "bridge.json"      # in the state dir: the admin address and token of `serve`
 SPARK = "▁▂▃▄▅▆▇█"
@@ -186,7 +187,7 @@ class Filters:
     call: str | None = None
     type: str | None = None
     since_s: float | None = None
-    rediscover: Callable[[], "Target | None"] | None = None
+    rediscover: Callable[[], Target | None] | None = None
 
     def query(self, after: int) -> dict:
         query: dict[str, Any] = {"after": after}
@@ -200,7 +201,7 @@ class Filters:
 
 
 async def follow(target: Target, filters: Filters, *, once: bool = False, retry_max: float = 5.0,
-                 client=None, rediscover: Callable[[], "Target | None"] | None = None
+                 client=None, rediscover: Callable[[], Target | None] | None = None
                  ) -> AsyncIterator[dict | Notice]:
     """Events from the admin stream, in order, forever (or until caught up with ``once``).
 

@@ -290,10 +290,6 @@ def _media_format(fmt: Any) -> MediaFormat:
     raise BadMessage(f"unsupported mediaFormat {str(fmt)[:80]}")
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
 def _read_media(data: dict[str, Any], max_payload: int | None) -> Media:
     # the hot path (50 a second per call): the checks of _text/_number/_body, inlined
     media = data.get("media")

@@ -17,7 +17,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from typing import Any, AsyncIterator
+from collections.abc import AsyncIterator
+from typing import Any
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -28,9 +29,9 @@ from starlette.routing import BaseRoute, Route, WebSocketRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .. import __version__
+from ..cluster import Cluster
 from ..config import Settings
 from ..errors import StoreError
-from ..cluster import Cluster
 from ..models import Mode
 from ..store import Store
 from . import media, twilio_hooks, vapi_hooks

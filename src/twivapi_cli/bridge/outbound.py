@@ -16,7 +16,8 @@ from __future__ import annotations
 import asyncio
 import collections
 import time
-from typing import Awaitable, Callable, Protocol
+from collections.abc import Awaitable, Callable
+from typing import Protocol
 
 from .. import twilio_media
 from ..audio import Framer

@@ -14,9 +14,9 @@ import re
 import time
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qsl
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
-from urllib.parse import parse_qsl
 
 from ..fixtures import TWILIO_WEBHOOKS
 

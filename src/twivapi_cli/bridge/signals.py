@@ -12,7 +12,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Any, Awaitable, Callable
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 from ..cluster import Cluster
 from ..models import CallState, Session, SignalKind
@@ -95,7 +96,7 @@ class Signals:
                 return None
             try:   # woken by our own move or another instance's; the poll is the backstop
                 await asyncio.wait_for(self._ready_event(call_sid).wait(), min(left, READY_POLL_S))
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
 
     def forget(self, call_sid: str) -> None:

@@ -16,14 +16,15 @@ import asyncio
 import datetime
 import inspect
 import json
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 HANDLER_TIMEOUT = 15.0  # below Vapi's default 20 s server timeout
 DEMO_ORDERS = {"A1": "shipped", "B2": "processing", "C3": "delivered"}
 
 
 def _get_time(_: dict) -> str:
-    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
 
 
 def _echo(args: dict) -> dict:
@@ -57,7 +58,7 @@ class ToolRegistry:
         self._handlers: dict[str, Callable[[dict], Any]] = {}
 
     @classmethod
-    def default(cls) -> "ToolRegistry":
+    def default(cls) -> ToolRegistry:
         registry = cls()
         registry.register("get_time", _get_time)
         registry.register("echo", _echo)
@@ -83,7 +84,7 @@ class ToolRegistry:
             result = handler(args)
             if inspect.isawaitable(result):
                 result = await asyncio.wait_for(result, HANDLER_TIMEOUT)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return {"toolCallId": call_id, "name": name, "error": f"tool '{name}' timed out"}
         except Exception as exc:  # a failing tool is an answer to Vapi, not a crash
             return {"toolCallId": call_id, "name": name, "error": _one_line(f"{type(exc).__name__}: {exc}")}

@@ -146,7 +146,7 @@ async def _bypass(request: Request, call_sid: str, session: Session, created: bo
         call = await asyncio.wait_for(bridge.vapi.create_bypass_call(
             settings.vapi_assistant_id, settings.vapi_phone_number_id, session.from_number or "",
             metadata={"twilioCallSid": call_sid}), timeout=settings.bypass_timeout)
-    except (asyncio.TimeoutError, TwivapiError) as exc:
+    except (TimeoutError, TwivapiError) as exc:
         reason = "vapi-timeout" if isinstance(exc, asyncio.TimeoutError) else "vapi-error"
         await bridge.recorder.record(EventType.VAPI_SETUP_FAILED, call_sid,
                                      error=reason if reason == "vapi-timeout" else str(exc))

@@ -7,11 +7,11 @@ counted (``media.early_dropped``)."""
 
 from __future__ import annotations
 
-import asyncio
 import collections
 import json
 import time
-from typing import Any, Awaitable, Callable
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import websockets
 
@@ -38,7 +38,7 @@ class VapiLeg:
             self.socket = await websockets.connect(url, max_size=2**20, compression=None,
                                                    additional_headers={"Authorization": f"Bearer {self._api_key}"},
                                                    open_timeout=VAPI_CONNECT_TIMEOUT)
-        except (OSError, websockets.WebSocketException, asyncio.TimeoutError) as exc:
+        except (TimeoutError, OSError, websockets.WebSocketException) as exc:
             await self.recorder.record(EventType.MEDIA_VAPI_CONNECT_FAILED, self.call_sid, error=type(exc).__name__)
             return False
         return True

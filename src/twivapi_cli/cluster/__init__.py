@@ -17,8 +17,9 @@ with the store, from the store URL (``open_state``), and passed to ``create_app`
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Protocol
+from typing import Any, Protocol
 
 from ..models import Event, Session, SignalKind
 from ..store import Store

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from typing import Any, AsyncIterator
+from collections.abc import AsyncIterator
+from typing import Any
 
 from ..models import Event, Session, SignalKind
 from ..store import Store
@@ -94,7 +95,7 @@ class LocalCluster:
             while True:
                 try:
                     event = await asyncio.wait_for(follower.queue.get(), QUIET_S)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     yield None
                     continue
                 if follower.dropped > dropped_seen:

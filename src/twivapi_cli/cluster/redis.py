@@ -21,7 +21,8 @@ import json
 import logging
 import time
 import uuid
-from typing import Any, AsyncIterator
+from collections.abc import AsyncIterator
+from typing import Any
 
 from ..errors import TwivapiError
 from ..models import Event, Session, SignalKind
@@ -184,7 +185,7 @@ class RedisCluster:
             call_sid = message.get("call_sid")
             if isinstance(call_sid, str) and receiver.interested(call_sid):
                 try:
-                    kind = SignalKind(message.get("kind"))
+                    kind = SignalKind(str(message.get("kind")))
                 except ValueError:
                     continue
                 self._chain(receiver, call_sid, kind, message.get("data") or {})

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import List, Optional
+from typing import Optional
 
 import typer
 
@@ -15,7 +15,7 @@ def register(app: typer.Typer) -> None:
     app.add_typer(group, name="fixtures")
 
     @group.command("validate")
-    def validate(files: List[Path] = typer.Argument(..., help="Fixture files or directories.")):
+    def validate(files: list[Path] = typer.Argument(..., help="Fixture files or directories.")):
         """Check fixtures without sending anything; errors name the file, the step and the field."""
         from .. import fixtures as fx
 

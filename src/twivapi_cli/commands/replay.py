@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import List, Optional
+from typing import Optional
 
 import typer
 
@@ -13,12 +13,12 @@ from ._common import ENV_FILE_OPTION, errors_to_exit, load, stdout_console
 def register(app: typer.Typer) -> None:
     @app.command("replay")
     def replay(
-        fixtures: List[Path] = typer.Argument(..., help="Fixture files or directories of them."),
+        fixtures: list[Path] = typer.Argument(..., help="Fixture files or directories of them."),
         target: Optional[str] = typer.Option(None, "--target", help="Base URL of the server under test."),
         in_process: bool = typer.Option(False, "--in-process", help="Start the bridge and the simulators here."),
         public_url: Optional[str] = typer.Option(None, "--public-url",
                                                  help="URL the target validates signatures against (default: --target)."),
-        set_: List[str] = typer.Option([], "--set", help="Override a variable: --set call.from=+15550001111."),
+        set_: list[str] = typer.Option([], "--set", help="Override a variable: --set call.from=+15550001111."),
         concurrency: int = typer.Option(1, "--concurrency", min=1, max=500, help="Runs at once (load mode)."),
         repeat: int = typer.Option(1, "--repeat", min=1, max=100_000, help="Runs of each fixture."),
         junit: Optional[Path] = typer.Option(None, "--junit", help="Write JUnit XML here."),

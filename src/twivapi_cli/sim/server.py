@@ -62,7 +62,7 @@ class RunningSims:
         self.twilio.stop()
         self.vapi.stop()
 
-    def __enter__(self) -> "RunningSims":
+    def __enter__(self) -> RunningSims:
         return self
 
     def __exit__(self, *exc: Any) -> None:

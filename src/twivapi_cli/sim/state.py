@@ -24,8 +24,9 @@ import asyncio
 import datetime as dt
 import random
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 DEMO_ACCOUNT_SID = "AC" + "0" * 32                      # demo value: all zeros, obviously not real
 DEMO_AUTH_TOKEN = "demo" + "0" * 28                     # demo value (32 chars, like a real token)
@@ -36,7 +37,7 @@ TERMINAL = ("completed", "busy", "failed", "no-answer", "canceled")
 
 
 def now() -> dt.datetime:
-    return dt.datetime.now(dt.timezone.utc)
+    return dt.datetime.now(dt.UTC)
 
 
 def rfc2822(moment: dt.datetime | None) -> str | None:
@@ -59,7 +60,7 @@ class SimCredentials:
     vapi_webhook_secret: str = DEMO_WEBHOOK_SECRET     # what simulated server-URL messages carry
 
     @classmethod
-    def from_settings(cls, settings: Any) -> "SimCredentials":
+    def from_settings(cls, settings: Any) -> SimCredentials:
         """The user's TWILIO_ACCOUNT_SID, TWILIO_AUTH_TOKEN, VAPI_API_KEY, VAPI_WEBHOOK_SECRET when
         set, demo values otherwise."""
         def reveal(value: Any) -> str | None:

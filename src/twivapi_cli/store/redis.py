@@ -102,7 +102,7 @@ class RedisConnection:
         from redis.exceptions import RedisError
         try:
             return await coro
-        except (RedisError, OSError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, RedisError, OSError) as exc:
             raise StoreError(f"Redis store unavailable: {type(exc).__name__}",
                              hint=f"is Redis reachable at {self.safe_url()}?") from None
 

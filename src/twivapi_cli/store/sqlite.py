@@ -184,7 +184,7 @@ class SQLiteStore(MemoryStore):
             writer.put("probe", (time.time(),), probe)
         try:
             await asyncio.wait_for(asyncio.shield(self._probe), HEALTH_PROBE_WAIT)
-        except (StoreError, asyncio.TimeoutError):
+        except (TimeoutError, StoreError):
             pass
 
     def _running_loop(self) -> asyncio.AbstractEventLoop:
