@@ -51,7 +51,6 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_webhooks as bw  # noqa: E402
 from common import free_port, pct, print_table, wait_http  # noqa: E402
-
 from twivapi_cli import net, signing  # noqa: E402
 
 TWIVAPI = str(Path(sys.executable).with_name("twivapi"))
@@ -176,7 +175,7 @@ def _up(url: str, proc: subprocess.Popen, log: Path) -> None:
 
 
 def _epoch(iso: str) -> float:
-    return dt.datetime.strptime(iso, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=dt.timezone.utc).timestamp()
+    return dt.datetime.strptime(iso, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=dt.UTC).timestamp()
 
 
 # --- twivapi: `twivapi serve` on `twivapi sim` with POST /call at 800 ms -----------------------------
