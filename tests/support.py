@@ -108,6 +108,67 @@ def running_bridge(settings: Settings, store, *, public_from_server: bool = Fals
         server.stop()
 
 
+class LoopThread:
+    """An event loop on a thread of its own, like a server's (``run`` has RunningServer's signature)."""
+
+    def __init__(self) -> None:
+        import asyncio
+        import threading
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="in-process-bridge", daemon=True)
+        self.thread.start()
+
+    url = "http://in-process.test"   # what requests through InProcessHTTP are addressed to
+
+    def run(self, coroutine_factory, timeout: float = 10):
+        import asyncio
+        return asyncio.run_coroutine_threadsafe(coroutine_factory(), self.loop).result(timeout)
+
+    def stop(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+        self.loop.close()
+
+
+class InProcessHTTP:
+    """``httpx.Client``'s post/get over ``httpx.ASGITransport``: the app called in-process, no socket."""
+
+    def __init__(self, runner: LoopThread, app):
+        self.runner = runner
+        self.client = runner.run(lambda: _asgi_client(app))
+
+    def post(self, url: str, **options) -> httpx.Response:
+        return self.runner.run(lambda: self.client.post(url, **options))
+
+    def get(self, url: str, **options) -> httpx.Response:
+        return self.runner.run(lambda: self.client.get(url, **options))
+
+    def close(self) -> None:
+        self.runner.run(self.client.aclose)
+
+
+async def _asgi_client(app) -> httpx.AsyncClient:
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url=LoopThread.url)
+
+
+@contextlib.contextmanager
+def in_process_bridge(settings: Settings, store, *, cluster=None, **options) -> Iterator[Bridge]:
+    """The bridge app called in-process (its lifespan run, requests through httpx.ASGITransport): for
+    the quick webhook cases; ``running_bridge`` where the wire matters (media sockets, timeouts)."""
+    runner = LoopThread()
+    vapi = VapiClient(settings.vapi_base_url, settings.vapi_api_key.reveal())
+    app = create_app(settings, store, cluster or cluster_for(store), vapi, **options)
+    lifespan = app.router.lifespan_context(app)
+    runner.run(lifespan.__aenter__)
+    http = InProcessHTTP(runner, app)
+    try:
+        yield Bridge(runner, app, settings, http=http)   # LoopThread and InProcessHTTP: the same surface
+    finally:
+        http.close()
+        runner.run(lambda: lifespan.__aexit__(None, None, None))
+        runner.stop()
+
+
 def free_port() -> int:
     import socket
     with socket.socket() as s:

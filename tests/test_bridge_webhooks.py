@@ -13,7 +13,7 @@ from twivapi_cli.models import CallState
 from twivapi_cli.store.memory import MemoryStore
 from twivapi_cli.store.sqlite import SQLiteStore
 
-from .support import PUBLIC, TOKEN, bridge_settings, new_call_sid, running_bridge
+from .support import PUBLIC, TOKEN, bridge_settings, in_process_bridge, new_call_sid, running_bridge
 
 
 @pytest.fixture(scope="module")
@@ -51,6 +51,13 @@ def bridge(vapi, tmp_path):
         yield b
 
 
+@pytest.fixture
+def quick(vapi, tmp_path):
+    """The same bridge called in-process: for the cases where no socket matters."""
+    with in_process_bridge(settings_for(vapi), SQLiteStore(tmp_path / "q.db")) as b:
+        yield b
+
+
 def test_stream_mode_answers_connect_stream_and_creates_the_vapi_call(bridge, vapi):
     sid = new_call_sid()
     response = bridge.voice(sid)
@@ -75,51 +82,51 @@ def test_voice_webhook_answers_before_vapi_does(bridge, vapi):
     wait_for(lambda: bridge.session(sid).state == CallState.READY)
 
 
-def test_bad_signature_is_403_with_reason_logged_and_never_the_expected_signature(bridge, caplog):
+def test_bad_signature_is_403_with_reason_logged_and_never_the_expected_signature(quick, caplog):
     sid = new_call_sid()
     with caplog.at_level(logging.WARNING, "twivapi.bridge"):
-        response = bridge.twilio("/twilio/voice", {"CallSid": sid}, token="wrong-token")
+        response = quick.twilio("/twilio/voice", {"CallSid": sid}, token="wrong-token")
     assert response.status_code == 403
     assert response.json()["error"]["code"] == "bad_signature"
     assert "wrong TWILIO_AUTH_TOKEN" in caplog.text
-    assert bridge.session(sid) is None
+    assert quick.session(sid) is None
 
 
-def test_missing_signature_is_403(bridge):
-    response = httpx.post(bridge.url + "/twilio/voice", data={"CallSid": new_call_sid()})
+def test_missing_signature_is_403(quick):
+    response = quick.http.post(quick.url + "/twilio/voice", data={"CallSid": new_call_sid()})
     assert response.status_code == 403
 
 
-def test_url_mismatch_is_diagnosed_but_still_refused(bridge, caplog):
+def test_url_mismatch_is_diagnosed_but_still_refused(quick, caplog):
     sid = new_call_sid()
-    local_url = bridge.url + "/twilio/voice"  # what a naive app would validate against
+    local_url = quick.url + "/twilio/voice"  # what a naive app would validate against
     with caplog.at_level(logging.WARNING, "twivapi.bridge"):
-        response = bridge.twilio("/twilio/voice", {"CallSid": sid}, signed_url=local_url)
+        response = quick.twilio("/twilio/voice", {"CallSid": sid}, signed_url=local_url)
     assert response.status_code == 403
     assert f"signature is valid for {local_url}" in caplog.text
     assert "TWIVAPI_PUBLIC_URL" in caplog.text
 
 
-def test_forwarded_host_mismatch_is_diagnosed(bridge, caplog):
+def test_forwarded_host_mismatch_is_diagnosed(quick, caplog):
     params = {"CallSid": new_call_sid()}
     with caplog.at_level(logging.WARNING, "twivapi.bridge"):
-        response = bridge.twilio("/twilio/voice", params, signed_url="https://other.ngrok.app/twilio/voice",
+        response = quick.twilio("/twilio/voice", params, signed_url="https://other.ngrok.app/twilio/voice",
                                  headers={"X-Forwarded-Host": "other.ngrok.app", "X-Forwarded-Proto": "https"})
     assert response.status_code == 403
     assert "valid for https://other.ngrok.app/twilio/voice" in caplog.text
 
 
-def test_json_body_with_body_sha256_is_accepted(bridge):
+def test_json_body_with_body_sha256_is_accepted(quick):
     from twivapi_cli import signing
 
     sid = new_call_sid()
     body = json.dumps({"CallSid": sid, "From": "+15550001111"}).encode()
     url, sig = signing.sign_twilio_json(TOKEN, PUBLIC + "/twilio/voice", body)
     path_qs = url[len(PUBLIC):]
-    ok = httpx.post(bridge.url + path_qs, content=body,
+    ok = quick.http.post(quick.url + path_qs, content=body,
                     headers={"X-Twilio-Signature": sig, "content-type": "application/json"})
     assert ok.status_code == 200 and "<Connect" in ok.text
-    tampered = httpx.post(bridge.url + path_qs, content=body.replace(b"+1555", b"+1666"),
+    tampered = quick.http.post(quick.url + path_qs, content=body.replace(b"+1555", b"+1666"),
                           headers={"X-Twilio-Signature": sig, "content-type": "application/json"})
     assert tampered.status_code == 403
 
@@ -128,20 +135,20 @@ def test_json_body_with_body_sha256_is_accepted(bridge):
     ({"From": "+1555"}, "missing_field"),
     ({"CallSid": "not-a-sid"}, "invalid_field"),
 ])
-def test_malformed_voice_webhooks_are_4xx(bridge, params, code):
-    response = bridge.twilio("/twilio/voice", params)
+def test_malformed_voice_webhooks_are_4xx(quick, params, code):
+    response = quick.twilio("/twilio/voice", params)
     assert response.status_code == 400
     assert response.json()["error"]["code"] == code
 
 
-def test_oversized_and_non_utf8_bodies_are_4xx(bridge):
-    huge = httpx.post(bridge.url + "/twilio/voice", content=b"a=" + b"x" * (1024 * 1024 + 10),
+def test_oversized_and_non_utf8_bodies_are_4xx(quick):
+    huge = quick.http.post(quick.url + "/twilio/voice", content=b"a=" + b"x" * (1024 * 1024 + 10),
                       headers={"content-type": "application/x-www-form-urlencoded"})
     assert huge.status_code == 413
-    garbage = httpx.post(bridge.url + "/twilio/voice", content=b"\xff\xfe=\x80",
+    garbage = quick.http.post(quick.url + "/twilio/voice", content=b"\xff\xfe=\x80",
                          headers={"content-type": "application/x-www-form-urlencoded"})
     assert garbage.status_code == 400
-    assert bridge.url and httpx.get(bridge.url + "/health").status_code == 200
+    assert quick.url and quick.http.get(quick.url + "/health").status_code == 200
 
 
 def test_status_completed_ends_session_and_closes_vapi_side(bridge, vapi):
