@@ -14,7 +14,7 @@ from twivapi_cli.models import CallState
 from twivapi_cli.store.memory import MemoryStore
 
 from . import test_bridge_webhooks
-from .support import new_call_sid, running_bridge
+from .support import bridge_settings, new_call_sid, running_bridge
 from .test_bridge_webhooks import settings_for, wait_for
 
 # the webhook tests' fixtures, shared: pytest finds a fixture by a module-level name
@@ -215,3 +215,23 @@ def test_a_vapi_call_that_goes_live_after_its_call_ended_is_ended(bridge, vapi):
     race = [e for e in bridge.events(sid) if e.type == "race.vapi-call-after-end"]
     assert race and race[0].data["vapi_call_id"] == late["id"]
     assert bridge.session(sid).state == CallState.FAILED   # nothing else changed
+
+
+def test_a_ready_call_whose_stream_never_starts_is_ended_vapi_side_too(sims):
+    """Twilio never opens the media stream (a wrong public URL, a blocked port): past
+    TWIVAPI_STREAM_START_TIMEOUT the sweep ends the call and its Vapi call, and says what to check."""
+    settings = bridge_settings(sims.url, VAPI_ASSISTANT_ID=sims.assistant(), TWIVAPI_STREAM_START_TIMEOUT="0.3")
+    with running_bridge(settings, MemoryStore()) as bridge:
+        sid, waiting = new_call_sid(), new_call_sid()
+        assert bridge.voice(sid).status_code == 200
+        session = wait_for(lambda: (s := bridge.session(sid)) and s.state == CallState.READY and s)
+        time.sleep(0.4)
+        assert bridge.voice(waiting).status_code == 200          # ready, but not yet for long
+        wait_for(lambda: (s := bridge.session(waiting)) and s.state == CallState.READY)
+        bridge.server.run(lambda: bridge.deps.sweeper.sweep())
+        ended = bridge.session(sid)
+        assert ended.state == CallState.ENDED and ended.ended_reason == "stream-never-started"
+        assert bridge.session(waiting).state == CallState.READY   # its stream may still come
+        wait_for(lambda: sims.ended(session.vapi_call_id))
+        hint = [e for e in bridge.events(sid) if e.type == "media.never-started"]
+        assert len(hint) == 1 and "TWIVAPI_PUBLIC_URL" in hint[0].data["check"] and "doctor" in hint[0].data["check"]

@@ -34,7 +34,9 @@ def test_sigkill_mid_call_then_restart_resumes_or_ends_every_session(sims, tmp_p
     db = tmp_path / "bridge.db"
     env = {**os.environ, "TWILIO_AUTH_TOKEN": TOKEN, "VAPI_API_KEY": VAPI_KEY, "VAPI_WEBHOOK_SECRET": VAPI_SECRET,
            "VAPI_ASSISTANT_ID": sims.assistant(greeting_ms=1500), "VAPI_BASE_URL": sims.url,
-           "TWIVAPI_PUBLIC_URL": url, "TWIVAPI_STORE": f"sqlite:///{db}", "TWIVAPI_STATE_DIR": str(tmp_path / "s")}
+           "TWIVAPI_PUBLIC_URL": url, "TWIVAPI_STORE": f"sqlite:///{db}", "TWIVAPI_STATE_DIR": str(tmp_path / "s"),
+           # the ready call's stream comes only after the restart: however slow this machine, not "never"
+           "TWIVAPI_STREAM_START_TIMEOUT": "300"}
 
     def session(sid):   # what the bridge committed, read from its file
         with contextlib.closing(sqlite3.connect(db)) as conn:

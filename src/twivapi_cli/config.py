@@ -227,6 +227,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("setup_concurrency", "TWIVAPI_SETUP_CONCURRENCY", 256,
             "Vapi call setups (POST /call) in flight at once, and the Vapi client's connection pool; "
             "a burst needs rate x Vapi's latency (100 calls/s at 800 ms: 80).", _positive_int),
+    Setting("stream_start_timeout", "TWIVAPI_STREAM_START_TIMEOUT", 15.0,
+            "Seconds a stream-mode call may wait, its Vapi call ready, for Twilio to open the media stream; "
+            "then it is ended (stream-never-started), Vapi side too, instead of being billed until a timeout.",
+            _positive_float),
     Setting("drain_timeout", "TWIVAPI_DRAIN_TIMEOUT", 25.0,
             "Seconds a stopping bridge (SIGTERM, Ctrl-C) lets its live calls go on before ending them; "
             "below a typical orchestrator's 30 s grace period, so it exits 0 before being killed.",
@@ -235,6 +239,9 @@ SETTINGS: tuple[Setting, ...] = (
             "Seconds an idle keep-alive connection stays open; above what proxies and load balancers "
             "idle theirs (ngrok, a cloud LB: 60 s), so they never reuse one the bridge just closed.",
             _positive_float),
+    Setting("body_timeout", "TWIVAPI_BODY_TIMEOUT", 10.0,
+            "Seconds a request's body may take to arrive; a client that stalls mid-body gets a 408 and "
+            "the connection is closed (Twilio and Vapi send theirs in milliseconds).", _positive_float),
     Setting("ngrok_authtoken", "NGROK_AUTHTOKEN", None, "ngrok auth token for `serve --tunnel`.",
             secret=True),
     Setting("ngrok_path", "TWIVAPI_NGROK_PATH", None,
@@ -269,6 +276,8 @@ class Settings:
     setup_concurrency: int = 256
     keepalive_timeout: float = 75.0
     drain_timeout: float = 25.0
+    stream_start_timeout: float = 15.0
+    body_timeout: float = 10.0
     ngrok_authtoken: Secret | None = None
     ngrok_path: str | None = None
 

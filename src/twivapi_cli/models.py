@@ -195,6 +195,7 @@ class EventType:
     MEDIA_CLEAR = "media.clear"
     MEDIA_FIRST_AUDIO = "media.first-audio"
     MEDIA_DTMF = "media.dtmf"
+    MEDIA_NEVER_STARTED = "media.never-started"
     BRIDGE_RECOVERED = "bridge.recovered"
 
     @staticmethod

@@ -1,5 +1,6 @@
-"""Housekeeping: calls idle past their TTL, calls of a lost instance, queues nobody drains, and
-what a bridge restarted after a crash must settle.
+"""Housekeeping: calls idle past their TTL, calls of a lost instance, calls whose media stream
+never started (``TWIVAPI_STREAM_START_TIMEOUT``), queues nobody drains, and what a bridge
+restarted after a crash must settle.
 
 The sweep runs every ``SWEEP_INTERVAL`` seconds; a store outage skips a round, never the loop.
 """
@@ -13,7 +14,7 @@ import time
 from ..cluster import Cluster
 from ..config import Settings
 from ..errors import TwivapiError
-from ..models import CallState, EventType, Session, Trigger
+from ..models import CallState, EventType, Mode, Session, Trigger
 from ..store import Store
 from .calls import Calls
 from .drain import Drainer
@@ -57,11 +58,29 @@ class Sweeper:
         ended = 0
         for session in await self.store.expired_sessions(wall - self.settings.session_ttl):
             ended += await self.calls.end(session.call_sid, "expired-ttl")
-        for session in await self.cluster.lost_calls(await self.store.active_sessions()):
+        active = await self.store.active_sessions()
+        for session in await self.cluster.lost_calls(active):
             ended += await self.calls.end(session.call_sid, "instance-lost")
+        for session in self._never_streamed(active, wall):
+            ended += await self._end_never_streamed(session, wall)
         await self.drainer.drain_stale()
         await self.store.prune(time.time() - ENDED_KEPT_S)
         return ended
+
+    def _never_streamed(self, sessions: list[Session], now: float) -> list[Session]:
+        """Stream-mode calls whose Vapi call is ready but whose media stream Twilio never opened
+        (a wrong public URL, a blocked port, error 31920): Vapi would bill them until its own timeout."""
+        cutoff = now - self.settings.stream_start_timeout
+        return [s for s in sessions if s.mode == Mode.STREAM and not s.stream_sid and s.updated_at < cutoff
+                and s.state in (CallState.READY, CallState.ACTIVE)]
+
+    async def _end_never_streamed(self, session: Session, now: float) -> bool:
+        await self.recorder.record(
+            EventType.MEDIA_NEVER_STARTED, session.call_sid, waited_s=round(now - session.updated_at, 1),
+            check=f"Twilio never opened the media stream: is TWIVAPI_PUBLIC_URL "
+                  f"({self.settings.public_url or 'not set'}) the https URL Twilio reaches, and does "
+                  f"`twivapi doctor` pass?")
+        return await self.calls.end(session.call_sid, "stream-never-started")
 
     async def recover(self) -> dict[str, int]:
         """At start-up, settle the live sessions a previous run left (SIGKILL, a crash): those the
