@@ -36,12 +36,52 @@ T = TypeVar("T")
 # cloud load balancer: 60 s) and our own pooled clients (5 s) keep theirs at least as long, so they
 # would send a request on a socket just closed: a reset, a 502 to Twilio. The server must outlast them.
 KEEPALIVE_S = 75.0
+GRACE_S = 1.0          # a server in a thread (tests, demo, sim) waits this long for open connections
+
+
+def uvicorn_log_level(log_level: str) -> str:
+    """uvicorn's own loggers ("uvicorn", "uvicorn.error"): its start-up and shutdown lines ("Started
+    server process", "Waiting for application startup", once per server) are info; they show only at
+    ``--log-level debug`` (or trace). Its warnings and errors always show; a quieter level is kept."""
+    level = log_level.lower()
+    if level in ("debug", "trace"):
+        return level
+    return level if logging.getLevelName(level.upper()) in (logging.ERROR, logging.CRITICAL) else "warning"
+
+
+def display_store(url: str) -> str:
+    """The store URL for a start-up line: a password in it (``redis://user:pw@host``) shown as ``***``."""
+    from urllib.parse import urlsplit, urlunsplit
+    try:
+        parts = urlsplit(url)
+        if parts.password is None:
+            return url
+        user = parts.username or ""
+        host = parts.hostname or ""
+        if ":" in host:
+            host = f"[{host}]"
+        netloc = f"{user}:***@{host}" + (f":{parts.port}" if parts.port is not None else "")
+        return urlunsplit(parts._replace(netloc=netloc))
+    except ValueError:   # unparsable (e.g. a bad port): show only the scheme
+        return url.split("://", 1)[0] + "://***" if "://" in url else "***"
+
+
+def startup_lines(settings: Settings, public_address: str, admin_url: str, bridge_file: Path) -> list[str]:
+    """What `twivapi serve` says once it listens: where, in which mode, on which store, for which
+    public URL, and how to watch it."""
+    return [
+        f"twivapi bridge: {settings.mode} mode, listening on {public_address}",
+        f"  public URL: {settings.public_url or '(not set: set TWIVAPI_PUBLIC_URL or --public-url)'}",
+        f"  store: {display_store(settings.store_url)}",
+        f"  admin (loopback only): {admin_url}, token in {bridge_file}",
+        "  watch it: twivapi tail",
+    ]
 
 
 def _config(app: ASGIApp, host: str, port: int, log_level: str, keepalive: float = KEEPALIVE_S) -> uvicorn.Config:
     # The access log is off: one line per webhook costs more than the webhook itself; the event log
     # (twivapi tail) records every request instead.
-    return uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False,
+    return uvicorn.Config(app, host=host, port=port, log_level=uvicorn_log_level(log_level), access_log=False,
                           lifespan="on", ws_max_size=1024 * 1024, timeout_graceful_shutdown=3,
                           timeout_keep_alive=keepalive,  # type: ignore[arg-type]  # typed int; a float works (call_later)
                           # 20 ms audio frames do not compress; deflating each one cost ~15% of the CPU
@@ -97,9 +137,9 @@ def serve_forever(settings: Settings, *, log_level: str = "info", announce: Call
     admin = _QuietServer(_config(create_admin_app(app, token), "127.0.0.1", admin_sock.getsockname()[1], log_level,
                                  keepalive))
     bridge_file = write_bridge_file(Path(settings.state_dir), admin_url, token, public_sock.getsockname()[1])
-    announce(f"twivapi bridge ({settings.mode} mode) on http://{settings.host}:{public_sock.getsockname()[1]}, "
-             f"public URL {settings.public_url or '(not set)'}")
-    announce(f"admin (loopback only): {admin_url}; token in {bridge_file}; watch it with `twivapi tail`")
+    host = f"[{settings.host}]" if ":" in settings.host else settings.host
+    for line in startup_lines(settings, f"http://{host}:{public_sock.getsockname()[1]}", admin_url, bridge_file):
+        announce(line)
 
     bridge: Deps = app.state.deps
 
@@ -156,8 +196,13 @@ class RunningServer:
         return f"http://{self.host}:{self.port}"
 
     def stop(self, timeout: float = 10) -> None:
+        """Stop gracefully, then by force: a connection still open after GRACE_S (a client that
+        keeps one, however briefly) must not hold up the stop."""
         self.server.should_exit = True
-        self.thread.join(timeout)
+        self.thread.join(min(timeout, GRACE_S))
+        if self.thread.is_alive():
+            self.server.force_exit = True
+            self.thread.join(timeout)
 
 
 def bind(host: str = "127.0.0.1", port: int = 0) -> socket.socket:
