@@ -13,6 +13,7 @@ import json
 import time
 import uuid
 import xml.etree.ElementTree as ET
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -54,6 +55,17 @@ class FixtureResult:
     @property
     def ok(self) -> bool:
         return all(step.ok for step in self.steps)
+
+
+# Our route names -> the paths our bridge serves. `replay --route NAME=PATH` (or a profile's
+# [replay.routes]) maps them to another server's paths; a step with an explicit `path` keeps it.
+ROUTES: dict[str, str] = {**{f"twilio.{kind}": path for kind, path in TWILIO_WEBHOOKS.items()},
+                          "vapi": "/vapi/webhook", "media": "/twilio/media"}
+
+
+def route_name(step: Step) -> str:
+    """The route a step uses: ``twilio.<webhook>``, ``vapi`` or ``media``."""
+    return f"twilio.{step.twilio}" if step.twilio else "vapi" if step.vapi is not None else "media"
 
 
 def label(step: Step) -> str:
@@ -160,8 +172,11 @@ class MediaSession:
 class Runner:
     def __init__(self, target: str, creds: Credentials, *, public_url: str | None = None,
                  overrides: dict[str, str] | None = None, client: httpx.AsyncClient | None = None,
-                 base_dir: Path | None = None):
+                 base_dir: Path | None = None, routes: Mapping[str, str] | None = None):
         self.target = target.rstrip("/")
+        # Route name -> the target's path for it (only what was mapped). None: no mapping in use
+        # (--in-process: our own bridge), so a 404 gets no "map it with --route" hint.
+        self.routes = dict(routes) if routes is not None else None
         self.public = (public_url or target).rstrip("/")
         self.creds = creds
         self.overrides = overrides or {}
@@ -220,8 +235,24 @@ class Runner:
                           else self.vapi_step(rendered, variables))
         elapsed = _ms(started)
         problems = self.check_http(rendered, response, elapsed)
+        if problems and response.status_code == 404 and self.unmapped(rendered):
+            route = route_name(rendered)
+            problems.append(f"the target has no route for {route}: map it with --route {route}=PATH")
         self.capture(rendered, response, variables)
         return StepResult(index, label(step), not problems, elapsed, problems, response.status_code), media
+
+    # --- routes ---------------------------------------------------------------------------------
+    def path_for(self, step: Step) -> str:
+        """The path a step posts to: its own ``path``, else the mapped route, else our default."""
+        if step.path:
+            return step.path
+        route = route_name(step)
+        return (self.routes or {}).get(route) or ROUTES[route]
+
+    def unmapped(self, step: Step) -> bool:
+        """The step went to our default path because nothing mapped its route (a 404 then means the
+        target serves it elsewhere)."""
+        return self.routes is not None and not step.path and route_name(step) not in self.routes
 
     # --- HTTP steps -----------------------------------------------------------------------------
     def twilio_params(self, step: Step, variables: dict) -> dict:
@@ -236,7 +267,7 @@ class Runner:
 
     async def twilio_step(self, step: Step, variables: dict) -> httpx.Response:
         assert step.twilio is not None   # a Twilio step (the fixture model guarantees it)
-        path = step.path or TWILIO_WEBHOOKS[step.twilio]
+        path = self.path_for(step)
         params = self.twilio_params(step, variables)
         token = self.creds.twilio_auth_token
         if token is None and step.signature != "none":
@@ -269,7 +300,7 @@ class Runner:
                 raise FixtureError("", "a signed Vapi step needs VAPI_WEBHOOK_SECRET (or --vapi-secret)")
             secret = self.creds.vapi_secret + ("x" if step.auth == "wrong" else "")
             headers.update(signing.sign_vapi(secret, body, "secret" if step.auth == "wrong" else step.auth))
-        return await self._post(self.target + (step.path or "/vapi/webhook"), content=body, headers=headers)
+        return await self._post(self.target + self.path_for(step), content=body, headers=headers)
 
     async def _post(self, url: str, **kwargs) -> httpx.Response:
         try:
@@ -336,8 +367,11 @@ class Runner:
     async def media_step(self, step: Step, variables: dict, media: MediaSession | None):
         if step.media == "open":
             url = step.url or variables.get("stream_url")
+            if not url and self.routes and "media" in self.routes:
+                url = twilio_media.ws_url(self.public) + self.routes["media"]   # built from the mapped route
             if not url:
-                return media, ["no stream URL: capture one from the voice TwiML or give url"]
+                return media, ["no stream URL: capture one from the voice TwiML or give url"
+                               + (", or map --route media=PATH" if self.routes is not None else "")]
             public_ws = twilio_media.ws_url(self.public)
             if url.startswith(public_ws):   # the public stream URL, reached through the target
                 sign_url, url = url, twilio_media.ws_url(self.target) + url[len(public_ws):]

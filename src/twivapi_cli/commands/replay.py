@@ -26,6 +26,12 @@ def register(app: typer.Typer) -> None:
         twilio_token: Optional[str] = typer.Option(None, "--twilio-token", envvar=None,
                                                    help="Signing token (default: TWILIO_AUTH_TOKEN)."),
         vapi_secret: Optional[str] = typer.Option(None, "--vapi-secret", help="Default: VAPI_WEBHOOK_SECRET."),
+        route: list[str] = typer.Option(
+            [], "--route", help="Map a route to the target's path, repeatable: --route twilio.status=/calls/status "
+                                "(twilio.voice, twilio.status, twilio.after-stream, twilio.stream-status, vapi, media)."),
+        profile: Optional[Path] = typer.Option(
+            None, "--profile", help="Read the route mapping ([replay.routes]) from this TOML file instead of "
+                                    "./twivapi.toml; --route overrides it."),
         env_file: Path = ENV_FILE_OPTION,
     ):
         """Replay signed Twilio/Vapi webhooks and media from fixture files and check expectations.
@@ -40,10 +46,19 @@ def register(app: typer.Typer) -> None:
             if bool(target) == in_process:
                 raise UsageError("give exactly one of --target URL or --in-process")
             overrides = dict(_pair(item) for item in set_)
+            routes: dict[str, str] = {}
+            if in_process and (route or profile):
+                raise UsageError("--route and --profile map a --target's paths; --in-process runs our own bridge")
+            if not in_process:   # ./twivapi.toml describes the user's server: not read for --in-process
+                from ..replay_cli import resolve_routes
+                routes, sources = resolve_routes(route, profile)
+                if routes:
+                    typer.echo("twivapi: routes (" + ", ".join(sources) + "): "
+                               + ", ".join(f"{name}={path}" for name, path in routes.items()), err=True)
             results, rows = asyncio.run(run_replay(
                 fixtures, settings, target=target, in_process=in_process, public_url=public_url,
                 overrides=overrides, concurrency=concurrency, repeat=repeat, twilio_token=twilio_token,
-                vapi_secret=vapi_secret, as_json=as_json))
+                vapi_secret=vapi_secret, as_json=as_json, routes=routes))
             if junit:
                 from ..replay_cli import junit_xml
                 junit.write_text(junit_xml(results))
