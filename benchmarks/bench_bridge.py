@@ -75,7 +75,8 @@ class Caller:
             stream_sid = "MZ" + uuid.uuid4().hex
             await ws.send(json.dumps({"event": "connected", "protocol": "Call", "version": "1.0.0"}))
             await ws.send(json.dumps({"event": "start", "streamSid": stream_sid, "start": {
-                "streamSid": stream_sid, "callSid": self.sid, "tracks": ["inbound"], "customParameters": {},
+                "streamSid": stream_sid, "callSid": self.sid, "tracks": ["inbound"],
+                "customParameters": {signing.STREAM_TOKEN_PARAM: signing.stream_token(TOKEN, self.sid)},
                 "mediaFormat": {"encoding": "audio/x-mulaw", "sampleRate": 8000, "channels": 1}}}))
             receiver = asyncio.create_task(self.receive(ws))
             await self.send(ws, stream_sid, http)

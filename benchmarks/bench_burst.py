@@ -35,7 +35,6 @@ import asyncio
 import datetime as dt
 import json
 import os
-import shutil
 import signal
 import sqlite3
 import subprocess
@@ -288,9 +287,7 @@ def twivapi_side(tmp: Path, calls: int, rate: float) -> dict:
 # --- the seed: server.js on fake_vapi.js with DELAY_MS=800 ----------------------------------------
 
 def seed_missing() -> str | None:
-    missing = [what for what, ok in (("node", shutil.which("node")), ("npm", shutil.which("npm")),
-                                     (str(bw.SEED), bw.SEED.is_dir())) if not ok]
-    return ", ".join(missing) if missing else None
+    return bw.node_missing()
 
 
 def seed_side(node_dir: Path, calls: int, rate: float) -> dict:
@@ -326,7 +323,7 @@ def run(quick: bool = False, scenarios: list[tuple[int, int]] | None = None) -> 
         missing = seed_missing()
         node_dir = None
         if missing:
-            print(f"bench_burst: {missing} not found: running the twivapi side alone (no seed comparison)")
+            print(f"bench_burst: missing {missing}: running the twivapi side alone (no seed comparison)")
         else:
             node_dir = bw.prepare_node(tmp_path)
         for calls, rate in scenarios:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -20,7 +19,7 @@ from pathlib import Path
 from twivapi_cli import signing
 
 sys.path.insert(0, str(HERE := Path(__file__).resolve().parent))
-from common import free_port  # noqa: E402
+from common import free_port, missing  # noqa: E402
 
 TWIVAPI = str(Path(sys.executable).with_name("twivapi"))
 TOKEN = "bench-auth-token-0123456789abcdef"
@@ -29,8 +28,9 @@ SINK_JS = """require('http').createServer((q, s) => { q.resume(); q.on('end', ()
 
 
 def run(quick: bool = False) -> list[dict]:
-    if not (shutil.which("node") and shutil.which("npm")):
-        print("bench_replay: node/npm not found: skipping the comparison with autocannon")
+    lacking = missing(("node", "npm"))
+    if lacking:
+        print(f"bench_replay: missing {lacking}: skipping the comparison with autocannon")
         return []
     seconds = 3 if quick else 8
     runs = 1500 if quick else 6000

@@ -44,7 +44,7 @@ def webhook_rows(quick: bool) -> list[dict]:
         tmp_path = Path(tmp)
         node_dir = bw.prepare_node(tmp_path)
         if node_dir is None:
-            print("bench_scaleout: node/npm not found: skipping the webhook comparison")
+            print(bw.skip_line("bench_scaleout", skipping="skipping the webhook comparison"))
             return []
         vapi_port = bw.free_port()
         vapi = subprocess.Popen(["node", "fake_vapi_bench.js"], cwd=node_dir,
@@ -110,8 +110,10 @@ def bargein_rows(quick: bool) -> list[dict]:
     from twivapi_cli.vapi_api import VapiClient
 
     prefix = f"bench-{uuid.uuid4().hex[:6]}:"
+    # barge_in="speech": the caller's speech-update started is the barge-in signal measured here (by
+    # default only user-interrupted is: Vapi decides what interrupts)
     settings = Settings(twilio_auth_token=Secret("t"), vapi_webhook_secret=Secret("s"), vapi_api_key=Secret("k"),
-                        vapi_assistant_id="a")
+                        vapi_assistant_id="a", barge_in="speech")
     apps = [create_app(settings, *open_state("redis://127.0.0.1:6379/0", prefix=prefix),
                        VapiClient("http://127.0.0.1:9", "k")) for _ in range(2)]
     servers = [start_in_thread(app) for app in apps]
@@ -121,7 +123,7 @@ def bargein_rows(quick: bool) -> list[dict]:
 
     async def listen():
         async def listener(kind, data):
-            received[data.get("turn")] = time.perf_counter()
+            received.setdefault(data.get("turn"), time.perf_counter())   # the first signal (the interrupt)
         apps[0].state.deps.signals.listen(sid, listener)
     servers[0].run(listen)
     import httpx

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import pct, print_table  # noqa: E402
+from common import missing, pct, print_table  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 CACHE = HERE / ".cache" / "twilio-cli"
@@ -68,7 +68,7 @@ def run(quick: bool = False) -> list[dict]:
                 "python -c pass (interpreter floor)": ([sys.executable, "-c", "pass"], env, "")}
     twilio = twilio_cli()
     if twilio is None:
-        print("bench_startup: node/npm not found: skipping the comparison with twilio-cli")
+        print(f"bench_startup: missing {missing(('node', 'npm'))}: skipping the comparison with twilio-cli")
     else:
         command, twilio_env, version = twilio
         commands[f"twilio --help (twilio-cli {version})"] = (command, twilio_env, "USAGE")

@@ -5,7 +5,7 @@ exists, so besides the answer rate we report the end-to-end rate: answered / (lo
 the background Vapi calls take to catch up), read from the Vapi stand-in's `GET /count`.
 
 Needs node + npm (the reference server and autocannon come from ../shared/anchors/seed-express);
-without them the benchmark says so and skips.
+without one of them, or without that directory, the benchmark says which is missing and skips.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import httpx
 
-from common import free_port, print_table, wait_http  # noqa: F401 (bench_scaleout uses them via bw)
+from common import free_port, missing, print_table, wait_http  # noqa: F401 (bench_scaleout uses them via bw)
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -30,12 +30,26 @@ TOKEN = "bench-auth-token-0123456789abcdef"
 PUBLIC = "https://bench.example.test"
 
 
-def prepare_node(workdir: Path) -> Path | None:
-    """A copy of the reference with its npm dependencies installed, or None without node/npm."""
-    if not (shutil.which("node") and shutil.which("npm") and SEED.is_dir()):
+def node_missing(seed: Path | None = None) -> str | None:
+    """Which of node, npm and the seed's reference server (``seed``, default SEED) is missing, named;
+    None when all are there."""
+    return missing(("node", "npm"), [("the seed's reference server", seed or SEED)])
+
+
+def skip_line(bench: str, seed: Path | None = None, skipping: str = "skipping") -> str | None:
+    """The line a benchmark prints when it cannot run its node side, naming what is missing."""
+    lacking = node_missing(seed)
+    return f"{bench}: missing {lacking}: {skipping}" if lacking else None
+
+
+def prepare_node(workdir: Path, seed: Path | None = None) -> Path | None:
+    """A copy of the reference with its npm dependencies installed, or None when node, npm or the
+    reference is missing (``node_missing`` says which)."""
+    seed = seed or SEED
+    if node_missing(seed):
         return None
     target = workdir / "seed-express"
-    shutil.copytree(SEED, target)
+    shutil.copytree(seed, target)
     shutil.copy(HERE / "fake_vapi.js", target / "fake_vapi_bench.js")
     subprocess.run(["npm", "install", "--no-audit", "--no-fund", "--silent"], cwd=target, check=True,
                    capture_output=True, timeout=300)
@@ -103,7 +117,7 @@ def run(quick: bool = False) -> list[dict]:
         tmp_path = Path(tmp)
         node_dir = prepare_node(tmp_path)
         if node_dir is None:
-            print("bench_webhooks: node/npm not found: skipping (the reference and the load tool need them)")
+            print(skip_line("bench_webhooks", skipping="skipping (the reference server and the load tool need them)"))
             return []
         twivapi = str(Path(sys.executable).with_name("twivapi"))
         rows = [measure(node_dir, "seed reference (express)", ["node", "server.js"],

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 import platform
+import shutil
 import socket
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import httpx
@@ -26,6 +28,16 @@ def wait_http(url: str, timeout: float = 20) -> None:
         except httpx.HTTPError:
             time.sleep(0.1)
     raise RuntimeError(f"{url} did not come up")
+
+
+def missing(tools: Sequence[str] = ("node", "npm"), directories: Sequence[tuple[str, Path]] = (),
+            which: Callable[[str], str | None] | None = None) -> str | None:
+    """What a comparison needs and this machine lacks, each named: ``npm (not on PATH)``, ``the seed's
+    reference server (no directory /x/seed-express)``; None when nothing is missing."""
+    which = which or shutil.which
+    lacking = [f"{tool} (not on PATH)" for tool in tools if not which(tool)]
+    lacking += [f"{what} (no directory {path})" for what, path in directories if not Path(path).is_dir()]
+    return ", ".join(lacking) or None
 
 
 def cpu_seconds(pid: int) -> float:

@@ -32,8 +32,8 @@ class Sims:
     def assistant(self, server_url: str | None = None, **script) -> str:
         """A saved assistant whose simulated voice follows ``script`` (behavior, greeting_ms, ...)."""
         body = {**BASE_ASSISTANT, "metadata": {"simulator": script}}
-        if server_url:
-            body["server"] = {"url": server_url}
+        if server_url:   # authenticated as a provisioned server is: Vapi sends what the server says
+            body["server"] = {"url": server_url, "headers": {"X-Vapi-Secret": VAPI_SECRET}}
         response = self.vapi("POST", "/assistant", json=body)
         assert response.status_code == 201, response.text
         return response.json()["id"]

@@ -12,7 +12,7 @@ from twivapi_cli.models import CallState
 from twivapi_cli.sim.twilio_caller import CallerPlan
 from twivapi_cli.store.memory import MemoryStore
 
-from .support import bridge_settings, place_call, running_bridge
+from .support import VAPI_SECRET, bridge_settings, place_call, running_bridge
 
 
 @pytest.fixture
@@ -21,7 +21,8 @@ def bridge(sims):
     assistant = sims.assistant(greeting_ms=800, reply_ms=300)
     with running_bridge(bridge_settings(sims.url, VAPI_ASSISTANT_ID=assistant), MemoryStore(),
                         public_from_server=True) as b:
-        sims.vapi("PATCH", f"/assistant/{assistant}", json={"server": {"url": b.url + "/vapi/webhook"}})
+        sims.vapi("PATCH", f"/assistant/{assistant}", json={"server": {"url": b.url + "/vapi/webhook",
+                                                                              "headers": {"X-Vapi-Secret": VAPI_SECRET}}})
         yield b
     sims.clear_faults()
 
@@ -47,7 +48,7 @@ def test_vapi_socket_dropped_mid_call_ends_both_sides(bridge, sims):
     session = bridge.session(result.call_sid)
     # whichever reaches the bridge first: the socket closing, or Vapi's own status-update saying why
     assert session.state == CallState.ENDED
-    assert session.ended_reason in ("vapi-socket-closed", "call.in-progress.error-vapifault-transport-dropped")
+    assert session.ended_reason in ("vapi-socket-closed", "call.in-progress.error-vapifault-worker-died")
     assert result.timeline[-1][1] == "ended" and any(k == "stream-closed" for _, k, _ in result.timeline)
     assert any(t < 2.0 for t, k, _ in result.timeline if k == "stream-closed"), "Twilio's socket was not closed"
 

@@ -25,6 +25,12 @@ def test_precedence_flags_env_dotenv_defaults(tmp_path):
     ({"TWIVAPI_PUBLIC_URL": "https://Upper.Example.com"}, "TWIVAPI_PUBLIC_URL"),
     ({"TWILIO_ACCOUNT_SID": "ACshort"}, "TWILIO_ACCOUNT_SID"),
     ({"TWIVAPI_AUDIO_FORMAT": "mp3"}, "TWIVAPI_AUDIO_FORMAT"),
+    ({"TWIVAPI_BARGE_IN": "always"}, "TWIVAPI_BARGE_IN"),
+    ({"VAPI_HMAC_ALGORITHM": "md5"}, "VAPI_HMAC_ALGORITHM"),
+    ({"VAPI_HMAC_ENCODING": "base32"}, "VAPI_HMAC_ENCODING"),
+    ({"VAPI_HMAC_SIGNATURE_HEADER": "x signature"}, "VAPI_HMAC_SIGNATURE_HEADER"),
+    ({"VAPI_HMAC_PAYLOAD_FORMAT": "{timestamp}"}, "VAPI_HMAC_PAYLOAD_FORMAT"),
+    ({"VAPI_HMAC_INCLUDE_TIMESTAMP": "maybe"}, "VAPI_HMAC_INCLUDE_TIMESTAMP"),
 ])
 def test_malformed_settings_name_the_variable(env, name):
     with pytest.raises(ConfigError, match=name):

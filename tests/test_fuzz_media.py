@@ -279,13 +279,19 @@ def b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
 
 
+def stream_parameters(sid: str) -> dict:
+    """The <Parameter>s our TwiML gives a call's stream, as Twilio hands them back: the CallSid and
+    the stream's token (without which a start is refused)."""
+    return {"callSid": sid, signing.STREAM_TOKEN_PARAM: signing.stream_token(TOKEN, sid)}
+
+
 def valid(kind: str, sid: str, stream: str, payload: bytes = b"\xff" * 160) -> dict:
     if kind == "connected":
         return {"event": "connected", "protocol": "Call", "version": "1.0.0"}
     if kind == "start":
         return {"event": "start", "sequenceNumber": "1", "streamSid": stream, "start": {
             "accountSid": "AC" + "0" * 32, "streamSid": stream, "callSid": sid, "tracks": ["inbound"],
-            "customParameters": {"callSid": sid},
+            "customParameters": stream_parameters(sid),
             "mediaFormat": {"encoding": "audio/x-mulaw", "sampleRate": 8000, "channels": 1}}}
     if kind == "media":
         return {"event": "media", "sequenceNumber": "2", "streamSid": stream,
@@ -801,11 +807,22 @@ def test_a_start_for_a_call_this_bridge_never_answered_is_refused_with_1008(brid
     assert bridge.session(sid) is None, "a refused stream created a session"
 
 
+@pytest.fixture(scope="module")
+def signature_required_bridge(sims):
+    """A bridge that requires the upgrade's X-Twilio-Signature (TWIVAPI_MEDIA_SIGNATURE=required)."""
+    settings_ = bridge_settings(sims.url, VAPI_ASSISTANT_ID=sims.echo_assistant, TWIVAPI_MEDIA_SIGNATURE="required")
+    with running_bridge(settings_, MemoryStore(), public_from_server=True) as b:
+        b.ws_url = b.url.replace("http://", "ws://") + "/twilio/media"
+        yield b
+
+
 @settings(max_examples=max(40, EXAMPLES // 3), deadline=None, derandomize=True, database=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(signature=st.none() | st.text(alphabet=st.characters(min_codepoint=0x21, max_codepoint=0x7e), max_size=40),
        query=st.none() | st.text(alphabet="abc=&%12", max_size=12))
-def test_unsigned_or_mis_signed_handshakes_are_refused_before_the_socket_opens(bridge, loop, signature, query):
+def test_unsigned_or_mis_signed_handshakes_are_refused_before_the_socket_opens(signature_required_bridge, loop,
+                                                                               signature, query):
+    bridge = signature_required_bridge
     url = bridge.ws_url + (f"?{query}" if query else "")
     headers = {} if signature is None else {"X-Twilio-Signature": signature}
 

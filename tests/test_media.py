@@ -35,9 +35,10 @@ def local_settings(vapi, assistant_id: str, **extra):
 
 @pytest.fixture
 def bridge_factory(vapi):
-    def make(behavior="answer", audio_format="mulaw-8k", **script):
+    def make(behavior="answer", audio_format="mulaw-8k", barge_in="interrupted", media_signature="optional", **script):
         assistant_id = vapi.assistant(behavior=behavior, **script)
-        settings = local_settings(vapi, assistant_id, TWIVAPI_AUDIO_FORMAT=audio_format)
+        settings = local_settings(vapi, assistant_id, TWIVAPI_AUDIO_FORMAT=audio_format, TWIVAPI_BARGE_IN=barge_in,
+                                  TWIVAPI_MEDIA_SIGNATURE=media_signature)
         # the bridge's loopback URL is its public URL: the caller follows the TwiML's stream URL
         return running_bridge(settings, MemoryStore(), public_from_server=True)
     return make
@@ -91,6 +92,29 @@ def test_barge_in_sends_clear_and_no_stale_audio(bridge_factory, vapi):
     assert len(result.heard) < 8 * 3000 * 0.8  # the 3 s greeting was cut short
 
 
+@pytest.mark.parametrize("barge_in", ["interrupted", "speech"])
+def test_a_backchannel_leaves_every_frame_of_the_turn_audible(bridge_factory, vapi, barge_in):
+    """The caller's "uh-huh" over the greeting, shorter than the assistant's stopSpeakingPlan
+    (numWords 2): Vapi reports the speech (speech-update started) but no user-interrupted, and talks on.
+    The bridge clears only on user-interrupted, so every frame of the greeting reaches the caller;
+    clearing on the caller's speech-update too is the opt-in TWIVAPI_BARGE_IN=speech."""
+    with bridge_factory(greeting_ms=1500, num_words=2, barge_in=barge_in) as bridge:
+        sent = speech(500, 250, ms_after=2000)
+        result = run_call(bridge, CallerPlan(audio=sent, hangup_after_s=2.6))
+        assistant = assistant_of(vapi, bridge, result.call_sid)
+        clears = [e for e in bridge.events(result.call_sid) if e.type == "media.clear"]
+    assert not result.errors, result.errors
+    kinds = [(m["type"], m.get("role"), m.get("status")) for m in assistant.socket_messages]
+    assert ("speech-update", "user", "started") in kinds and ("user-interrupted", None, None) not in kinds
+    assert assistant.interruptions == 0 and len(assistant.sent) == 8 * 1500   # the greeting went out whole
+    if barge_in == "interrupted":
+        assert not result.clears and not clears, result.timeline
+        assert bytes(result.heard) == bytes(assistant.sent)                   # every frame, in order
+    else:
+        assert len(result.clears) == 1 and clears[0].data["source"] == "transport"
+        assert len(result.heard) < len(assistant.sent)                        # cut, the rest muted
+
+
 def test_early_caller_audio_is_buffered_not_lost(vapi):
     settings = local_settings(vapi, vapi.assistant(behavior="echo"))
     vapi.slow_calls(0.5, count=1)  # POST /call answers late: the caller's first frames arrive before Vapi
@@ -127,9 +151,69 @@ def test_dtmf_is_forwarded_to_vapi(bridge_factory, vapi):
     assert any("pressed 5" in t["message"] for t in assistant.transcript)
 
 
-def test_unsigned_handshake_is_refused(bridge_factory):
+def _call_in_a_thread(bridge, plan: CallerPlan):
+    import threading
+    box: dict = {}
+    thread = threading.Thread(target=lambda: box.setdefault("result", run_call(bridge, plan)), daemon=True)
+    thread.start()
+    return thread, box
+
+
+@pytest.mark.parametrize("how", ["webhook", "transport"])
+def test_when_vapi_ends_the_call_what_it_queued_is_still_played(bridge_factory, vapi, how):
+    """Vapi sends its last words (here the whole 1 s greeting, 8x faster than it plays) and ends the
+    call at once: by its server message (webhook) or by closing the transport. The bridge plays what
+    is queued out (paced) and closes only when Twilio echoed the last mark: every frame is heard."""
+    from .polling import wait_for
+    with bridge_factory(greeting_ms=1000, speed=8) as bridge:
+        thread, box = _call_in_a_thread(bridge, CallerPlan(hangup_after_s=None))   # waits for the bridge to close
+        session = wait_for(lambda: next((s for s in bridge.server.run(bridge.deps.store.active_sessions)
+                                         if s.vapi_call_id), None), "a call with its Vapi side")
+        assistant = assistant_of(vapi, bridge, session.call_sid)
+        wait_for(lambda: len(assistant.sent) == 8 * 1000, "the assistant said everything")
+        ended_at = time.monotonic()
+        if how == "webhook":
+            reply = bridge.vapi({"type": "status-update", "status": "ended", "endedReason": "assistant-ended-call",
+                                 "call": {"id": session.vapi_call_id}})
+            assert reply.status_code == 200
+        else:
+            vapi.running.vapi.run(lambda: assistant.hang_up("assistant-ended-call"))
+        thread.join(10)
+        closed_after = time.monotonic() - ended_at
+        result = box["result"]
+        stops = [e for e in bridge.events(result.call_sid) if e.type == "media.stop"]
+    assert not result.errors, result.errors
+    assert bytes(result.heard) == bytes(assistant.sent)   # the end of the goodbye too
+    assert closed_after < 0.5 + 1.5, closed_after          # what was left to play, within the bound
+    assert len(stops) == 1
+
+
+def test_the_play_out_at_the_end_is_bounded_and_skipped_when_twilio_ended_it():
+    from twivapi_cli.audio import transcoders
+    from twivapi_cli.bridge.outbound import Outbound
+
+    async def go():
+        sent: list[str] = []
+
+        async def send(text: str) -> None:
+            sent.append(text)
+        outbound = Outbound(transcoders("mulaw-8k")[1], send)
+        outbound.stream_sid = "MZ" + "0" * 32
+        pacer = asyncio.create_task(outbound.pace())
+        outbound.push(b"\xff" * 8000 * 3)          # 3 s queued; Twilio never echoes a mark
+        started = time.monotonic()
+        assert await outbound.play_out("assistant-ended-call", lambda: False, timeout=0.3) is False
+        waited = time.monotonic() - started
+        assert not await outbound.play_out("twilio-completed", lambda: False)   # the caller is gone: at once
+        pacer.cancel()
+        return waited, len(sent)
+    waited, sent = asyncio.run(go())
+    assert 0.3 <= waited < 0.6 and sent > 10
+
+
+def test_unsigned_handshake_is_refused_when_a_signature_is_required(bridge_factory):
     import websockets
-    with bridge_factory() as bridge:
+    with bridge_factory(media_signature="required") as bridge:
         async def go():
             with pytest.raises(websockets.InvalidStatus):
                 await websockets.connect(bridge.url.replace("http", "ws") + "/twilio/media")
@@ -169,6 +253,7 @@ def test_store_down_when_the_stream_starts_closes_it_with_1011(vapi):
             async with websockets.connect(url, additional_headers=headers) as ws:
                 await ws.send(json.dumps({"event": "start", "streamSid": "MZ" + "d" * 32, "start": {
                     "callSid": sid, "streamSid": "MZ" + "d" * 32,
+                    "customParameters": {signing.STREAM_TOKEN_PARAM: signing.stream_token(TOKEN, sid)},
                     "mediaFormat": {"encoding": "audio/x-mulaw", "sampleRate": 8000, "channels": 1}}}))
                 with pytest.raises(websockets.ConnectionClosed):
                     while True:
@@ -180,3 +265,17 @@ def test_store_down_when_the_stream_starts_closes_it_with_1011(vapi):
         assert counters.get("media.store_error") == 1 and counters.get("media.bad_message", 0) == 0
         again = run_call(bridge, CallerPlan(hangup_after_s=1.0))  # the bridge carries on
         assert again.heard and not again.errors
+
+
+@pytest.mark.parametrize("message, event", [
+    ({"type": "user-interrupted", "turnId": "t1"}, "interrupt"),
+    ({"type": "speech-update", "role": "user", "status": "started", "turn": 0}, "caller-started"),
+    ({"type": "speech-update", "role": "user", "status": "stopped", "turn": 0}, "caller-stopped"),
+    ({"type": "speech-update", "role": "assistant", "status": "started", "turn": 1}, "assistant-started"),
+    ({"type": "status-update", "status": "ended", "endedReason": "customer-ended-call"}, "ended"),
+])
+def test_only_user_interrupted_on_the_transport_is_an_interruption(message, event):
+    import json
+
+    from twivapi_cli.bridge.vapi_leg import control_event
+    assert (control_event(json.dumps(message)) or ("", None))[0] == event

@@ -230,7 +230,9 @@ def _everything(result: Run, work: Path, state: Path, runner: CliRunner) -> None
         # --- the simulated accounts, as `twivapi sim` runs them -------------------------------------
         sim = Proc("sim", ["sim", "--twilio-port", "0", "--vapi-port", "0", "--log-level", "debug"], sub_env)
         procs.append(sim)
-        sim.wait_for(lambda: "Ctrl-C to stop" in "".join(sim.err), "the simulators starting")
+        # stdout and stderr are read by two threads: wait for both (the settings come on stdout)
+        sim.wait_for(lambda: "Ctrl-C to stop" in "".join(sim.err) and "VAPI_BASE_URL=" in "".join(sim.out),
+                     "the simulators starting")
         printed = dict(line.strip().partition("=")[::2] for line in sim.out if "=" in line and not line.startswith("#"))
         accounts = {"TWILIO_API_BASE_URL": printed["TWILIO_API_BASE_URL"], "VAPI_BASE_URL": printed["VAPI_BASE_URL"]}
         port = free_port()

@@ -91,13 +91,13 @@ def test_candidate_urls_cover_scheme_host_port_and_slash():
     assert "https://pub.example.com/twilio/voice/?a=1" in urls
 
 
-@pytest.mark.parametrize("mode", ["secret", "bearer", "hmac"])
+@pytest.mark.parametrize("mode", ["secret", "signature", "bearer", "hmac", "hmac-body"])
 def test_vapi_sign_verify_round_trip(mode):
     body = b'{"message":{"type":"hang"}}'
     headers = {k.lower(): v for k, v in signing.sign_vapi("s3cret", body, mode).items()}
     assert signing.verify_vapi("s3cret", headers, body)[0]
     assert not signing.verify_vapi("other", headers, body)[0]
-    if mode == "hmac":
+    if mode in ("hmac", "hmac-body"):
         assert not signing.verify_vapi("s3cret", headers, body + b" ")[0]
 
 
@@ -105,3 +105,86 @@ def test_vapi_body_hmac_header():
     body = b"{}"
     headers = {"x-vapi-signature": signing.vapi_hmac("k", body, None)}
     assert signing.verify_vapi("k", headers, body) == (True, "hmac-body")
+
+
+def test_the_legacy_plain_token_in_x_vapi_signature_is_accepted():
+    """Older Vapi docs: the server secret "sent as X-Vapi-Signature", the plain token (legacy setups)."""
+    body = b'{"message":{"type":"hang"}}'
+    assert signing.verify_vapi("s3cret-token", {"x-vapi-signature": "s3cret-token"}, body) == (True, "x-vapi-signature")
+    assert not signing.verify_vapi("s3cret-token", {"x-vapi-signature": "s3cret-tokem"}, body)[0]
+    # the plan's own header named x-vapi-signature: an HMAC there, or the plain token
+    plan = signing.HmacPlan(signature_header="x-vapi-signature", include_timestamp=False)
+    assert signing.verify_vapi("s3cret-token", {"x-vapi-signature": "s3cret-token"}, body, plan=plan)[0]
+    signed = signing.sign_vapi("s3cret-token", body, "hmac", plan=plan)
+    assert signing.verify_vapi("s3cret-token", {k.lower(): v for k, v in signed.items()}, body, plan=plan) \
+        == (True, "hmac")
+
+
+def _oracle(secret: str, payload: bytes, algorithm: str, encoding: str, secret_is_base64: bool) -> str:
+    """The HMAC computed independently of HmacPlan: hashlib/hmac/base64 straight from the spec's words."""
+    import base64
+    import hashlib
+    import hmac as hmac_module
+    key = base64.b64decode(secret) if secret_is_base64 else secret.encode()
+    digest = hmac_module.new(key, payload, getattr(hashlib, algorithm)).digest()
+    return digest.hex() if encoding == "hex" else base64.b64encode(digest).decode()
+
+
+@pytest.mark.parametrize("algorithm", ["sha256", "sha512", "sha1"])
+@pytest.mark.parametrize("encoding", ["hex", "base64"])
+@pytest.mark.parametrize("timestamped", [True, False])
+@pytest.mark.parametrize("secret_is_base64", [False, True])
+def test_every_hmac_authentication_plan_option(algorithm, encoding, timestamped, secret_is_base64):
+    import base64
+    import time
+    secret = base64.b64encode(b"\x00raw-key-bytes\xff").decode() if secret_is_base64 else "plain-secret"
+    body = b'{"message":{"type":"status-update","status":"in-progress"}}'
+    plan = signing.HmacPlan(algorithm=algorithm, signature_encoding=encoding, include_timestamp=timestamped,
+                            signature_header="x-acme-signature", timestamp_header="x-acme-time",
+                            secret_is_base64=secret_is_base64)
+    ts = str(int(time.time()))
+    payload = f"{ts}.".encode() + body if timestamped else body
+    headers = {"x-acme-signature": _oracle(secret, payload, algorithm, encoding, secret_is_base64)}
+    if timestamped:
+        headers["x-acme-time"] = ts
+    assert signing.verify_vapi(secret, headers, body, plan=plan) == (True, "hmac")
+    assert not signing.verify_vapi(secret, headers, body + b" ", plan=plan)[0]           # altered body
+    assert not signing.verify_vapi(secret, headers, body)[0]                             # the default plan
+    other = "b3RoZXI=" if secret_is_base64 else "other-secret"
+    assert not signing.verify_vapi(other, headers, body, plan=plan)[0]
+    if timestamped:
+        stale = {**headers, "x-acme-time": str(int(time.time()) - 3600)}
+        assert not signing.verify_vapi(secret, stale, body, plan=plan)[0]
+        assert not signing.verify_vapi(secret, {"x-acme-signature": headers["x-acme-signature"]}, body, plan=plan)[0]
+    # and what sign_vapi makes under the same plan verifies
+    made = {k.lower(): v for k, v in signing.sign_vapi(secret, body, "hmac", plan=plan).items()}
+    assert ("x-acme-time" in made) is timestamped
+    assert signing.verify_vapi(secret, made, body, plan=plan) == (True, "hmac")
+
+
+def test_hmac_prefix_payload_format_and_message_id():
+    import time
+    body = b'{"message":{"type":"hang"}}'
+    plan = signing.HmacPlan(signature_prefix="v1,", payload_format="{svix-id}.{timestamp}.{method}.{url}.{body}",
+                            message_id_header="svix-id", signature_header="svix-signature",
+                            timestamp_header="svix-timestamp", signature_encoding="base64")
+    ts, url = str(int(time.time())), "https://bridge.example.test/vapi/webhook"
+    payload = f"msg_1.{ts}.POST.{url}.".encode() + body
+    headers = {"svix-id": "msg_1", "svix-timestamp": ts,
+               "svix-signature": "v1," + _oracle("k", payload, "sha256", "base64", False)}
+    assert signing.verify_vapi("k", headers, body, plan=plan, url=url) == (True, "hmac")
+    assert not signing.verify_vapi("k", {**headers, "svix-id": "msg_2"}, body, plan=plan, url=url)[0]
+    assert not signing.verify_vapi("k", headers, body, plan=plan, url=url + "/")[0]
+    unprefixed = {**headers, "svix-signature": headers["svix-signature"].removeprefix("v1,")}
+    assert not signing.verify_vapi("k", unprefixed, body, plan=plan, url=url)[0]
+    # no prefix configured: "sha256=<hex>" (GitHub style) is taken as well as the bare digest
+    default = signing.HmacPlan()
+    bare = _oracle("k", f"{ts}.".encode() + body, "sha256", "hex", False)
+    for value in (bare, "sha256=" + bare, bare.upper()):
+        assert signing.verify_vapi("k", {"x-signature": value, "x-timestamp": ts}, body, plan=default)[0]
+
+
+def test_a_base64_secret_that_is_not_base64_is_refused_with_the_reason():
+    plan = signing.HmacPlan(secret_is_base64=True, include_timestamp=False)
+    ok, why = signing.verify_vapi("not base64!", {"x-signature": "ab"}, b"{}", plan=plan)
+    assert not ok and "base64" in why and "not base64!" not in why

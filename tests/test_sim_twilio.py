@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
 import signal
 import socket
@@ -226,6 +227,32 @@ def test_buy_list_update_fetch_delete(client, sims):
     assert sims.state.twilio.numbers == {}
 
 
+def test_twiml_apps_and_a_number_bound_elsewhere_never_calls_its_voice_url(client, sims):
+    """As Twilio does: a number with a voice_application_sid (a TwiML App) or a trunk_sid has its
+    calls sent to the app's voice URL or to the trunk; its own voice_url is not called."""
+    app = client.applications.create(friendly_name="elsewhere", voice_url="https://app.example.test/voice",
+                                     status_callback="https://app.example.test/status")
+    assert app.sid.startswith("AP") and len(app.sid) == 34
+    assert [a.sid for a in client.applications.list()] == [app.sid]
+    assert client.applications(app.sid).update(voice_method="GET").voice_method == "GET"
+    number = buy(client, voice_url="https://bridge.example.test/twilio/voice",
+                 status_callback="https://bridge.example.test/twilio/status")
+    bound = client.incoming_phone_numbers(number.sid).update(voice_application_sid=app.sid)
+    assert bound.voice_application_sid == app.sid
+
+    def routed() -> tuple:
+        call = sims.state.twilio.start_inbound_call(to=number.phone_number, from_="+15551230009")
+        return call.url, call.method, call.status_callback
+    assert routed() == ("https://app.example.test/voice", "GET", "https://app.example.test/status")
+    trunk = sims.state.twilio.add_trunk("sip:pbx.example.test")
+    client.incoming_phone_numbers(number.sid).update(trunk_sid=trunk)
+    assert routed()[0] == "sip:pbx.example.test"                      # the trunk wins over the app
+    unbound = client.incoming_phone_numbers(number.sid).update(voice_application_sid="", trunk_sid="")
+    assert unbound.voice_application_sid is None and unbound.trunk_sid is None
+    assert routed() == ("https://bridge.example.test/twilio/voice", "POST", "https://bridge.example.test/twilio/status")
+    assert client.applications(app.sid).delete() is True and client.applications.list() == []
+
+
 def test_buy_by_area_code_and_paging(client):
     bought = [client.incoming_phone_numbers.create(area_code="512") for _ in range(5)]
     assert all(n.phone_number.startswith("+1512") for n in bought)
@@ -393,7 +420,13 @@ def test_sim_command_on_a_busy_port_exits_3_with_one_line(tmp_path, monkeypatch)
 def test_sim_command_runs_until_interrupted(tmp_path, stop):
     """The real command: eval-able settings on stdout, working simulators, a clean stop (exit 0)."""
     command = [str(Path(sys.executable).with_name("twivapi")), "sim", "--twilio-port", "0", "--vapi-port", "0"]
-    process = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # faulthandler: if it ever hangs, SIGABRT makes it print every thread's stack (below)
+    # SIGINT as a terminal's Ctrl-C delivers it: a suite started in the background by a non-interactive
+    # shell (a CI runner's `cmd &`) has SIGINT ignored, children inherit that, and Python then never
+    # raises KeyboardInterrupt (seen: this test hanging only in such runs)
+    process = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "PYTHONFAULTHANDLER": "1"},
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         env = {}
         while "VAPI_WEBHOOK_SECRET" not in env:
@@ -407,7 +440,12 @@ def test_sim_command_runs_until_interrupted(tmp_path, stop):
         headers = {"Authorization": f"Bearer {env['VAPI_API_KEY']}"}
         assert httpx.get(f"{env['VAPI_BASE_URL']}/assistant", headers=headers).json() == []
         process.send_signal(stop)
-        assert process.wait(10) == 0
+        try:
+            code = process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.send_signal(signal.SIGABRT)
+            raise AssertionError("twivapi sim did not stop in 10 s:\n" + process.communicate(timeout=10)[1][-8000:]) from None
+        assert code == 0
         assert "simulators stopped" in process.stderr.read()
     finally:
         process.kill()

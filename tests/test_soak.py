@@ -42,7 +42,7 @@ from twivapi_cli.store import memory
 from twivapi_cli.store.sqlite import SQLiteStore
 
 from .sims import running_sims
-from .support import TOKEN, bridge_settings, running_bridge
+from .support import TOKEN, VAPI_SECRET, bridge_settings, running_bridge
 
 pytestmark = pytest.mark.slow
 
@@ -300,7 +300,8 @@ def test_soak_1000_calls_through_one_bridge(tmp_path, monkeypatch):
         settings = bridge_settings(sims.url, VAPI_ASSISTANT_ID=assistant, TWIVAPI_SETUP_QUEUE_LIMIT="5000")
         db = tmp_path / "soak.db"
         with running_bridge(settings, SQLiteStore(db), public_from_server=True) as bridge:
-            sims.vapi("PATCH", f"/assistant/{assistant}", json={"server": {"url": bridge.url + "/vapi/webhook"}})
+            sims.vapi("PATCH", f"/assistant/{assistant}", json={"server": {"url": bridge.url + "/vapi/webhook",
+                                                                                "headers": {"X-Vapi-Secret": VAPI_SECRET}}})
             tasks_before = loop_tasks(bridge)
             fds_before = open_fds()
             started, cpu_before = time.monotonic(), thread_cpu_s(bridge.server.thread)

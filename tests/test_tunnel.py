@@ -1,4 +1,5 @@
-"""serve --tunnel through the real pyngrok code path, against a stand-in ngrok agent."""
+"""serve --tunnel through the real pyngrok code path, against a stand-in ngrok agent (installing
+ngrok when there is none: tests/test_ngrok_install.py)."""
 
 from __future__ import annotations
 
@@ -59,12 +60,19 @@ def test_tunnel_opens_through_pyngrok_and_closes(tmp_path, fake_ngrok):
         tunnel.close()
 
 
-def test_missing_binary_or_token_fails_fast_with_the_fix(tmp_path, fake_ngrok):
-    no_binary = load_settings({}, environ={"NGROK_AUTHTOKEN": "t", "TWIVAPI_NGROK_PATH": str(tmp_path / "none"),
-                                           "PATH": ""}, env_file=None)
-    with pytest.raises(TunnelError, match="not found") as info:
+def test_missing_binary_or_token_fails_fast_with_the_fix(tmp_path, fake_ngrok, monkeypatch):
+    typo = load_settings({}, environ={"NGROK_AUTHTOKEN": "t", "TWIVAPI_NGROK_PATH": str(tmp_path / "none")},
+                         env_file=None)
+    with pytest.raises(TunnelError, match="TWIVAPI_NGROK_PATH=.* is not a file"):
+        open_tunnel(typo, 8080)
+    monkeypatch.setenv("PATH", str(tmp_path / "no-bin"))                          # no ngrok on PATH
+    monkeypatch.setenv("PYNGROK_NGROK_PATH", str(tmp_path / "pyngrok" / "ngrok"))   # nor pyngrok's copy
+    no_binary = load_settings({}, environ={"NGROK_AUTHTOKEN": "t"}, env_file=None)
+    with pytest.raises(TunnelError, match="not found") as info:   # open_tunnel itself never downloads
         open_tunnel(no_binary, 8080)
-    assert "TWIVAPI_NGROK_PATH" in str(info.value) and "does not download" in str(info.value)
+    for way_out in ("--yes", "TWIVAPI_NGROK_INSTALL=1", "TWIVAPI_NGROK_PATH", "https://ngrok.com/download"):
+        assert way_out in str(info.value)
+    assert not (tmp_path / "pyngrok").exists()
     no_token = load_settings({}, environ={"TWIVAPI_NGROK_PATH": fake_ngrok}, env_file=None)
     with pytest.raises(TunnelError, match="NGROK_AUTHTOKEN"):
         open_tunnel(no_token, 8080)
@@ -116,4 +124,5 @@ def test_serve_tunnel_end_to_end_restores_on_sigterm(sims, tmp_path, fake_ngrok)
         proc.send_signal(signal.SIGTERM)
         proc.wait(15)
     assert number["voice_url"] == "https://old.example.test/twilio/voice"
-    assert "ngrok-test-token" not in proc.stderr.read()
+    with proc.stderr:
+        assert "ngrok-test-token" not in proc.stderr.read()

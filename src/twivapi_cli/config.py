@@ -114,6 +114,10 @@ def _redacting_factory(previous: Callable[..., logging.LogRecord]) -> Callable[.
 
 MODES = tuple(mode.value for mode in Mode)
 AUDIO_FORMATS = ("mulaw-8k", "pcm16-16k")
+BARGE_IN = ("interrupted", "speech")
+MEDIA_SIGNATURE = ("optional", "required")
+HMAC_ALGORITHMS = ("sha256", "sha512", "sha1")      # HMACAuthenticationPlan.algorithm
+HMAC_ENCODINGS = ("hex", "base64")                  # HMACAuthenticationPlan.signatureEncoding
 
 
 def _url(value: str) -> str:
@@ -168,6 +172,27 @@ def _positive_int(value: str) -> int:
     return number
 
 
+def _flag(value: str) -> bool:
+    lowered = value.lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ValueError("must be 1 or 0 (true/false, yes/no, on/off)")
+
+
+def _header_name(value: str) -> str:
+    if not re.fullmatch(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+", value):
+        raise ValueError("must be an HTTP header name such as x-signature")
+    return value.lower()
+
+
+def _payload_format(value: str) -> str:
+    if "{body}" not in value:
+        raise ValueError("must contain {body} (placeholders: {body} {timestamp} {method} {url} {svix-id})")
+    return value
+
+
 def _port(value: str) -> int:
     number = int(value)
     if not 0 <= number <= 65535:
@@ -197,10 +222,33 @@ SETTINGS: tuple[Setting, ...] = (
             "Base URL of Vapi's REST API (point it at `twivapi sim` for local work).", _url),
     Setting("vapi_webhook_secret", "VAPI_WEBHOOK_SECRET", None,
             "Secret Vapi sends with server-URL messages (X-Vapi-Secret, Bearer or HMAC key).", secret=True),
+    Setting("vapi_hmac_algorithm", "VAPI_HMAC_ALGORITHM", "sha256",
+            "HMAC credential (HMACAuthenticationPlan.algorithm): sha256 | sha512 | sha1.", _choice(HMAC_ALGORITHMS)),
+    Setting("vapi_hmac_encoding", "VAPI_HMAC_ENCODING", "hex",
+            "HMAC credential's signatureEncoding: hex | base64.", _choice(HMAC_ENCODINGS)),
+    Setting("vapi_hmac_signature_header", "VAPI_HMAC_SIGNATURE_HEADER", "x-signature",
+            "HMAC credential's signatureHeader: the header the signature comes in.", _header_name),
+    Setting("vapi_hmac_timestamp_header", "VAPI_HMAC_TIMESTAMP_HEADER", "x-timestamp",
+            "HMAC credential's timestampHeader (checked within 5 minutes, ms or s).", _header_name),
+    Setting("vapi_hmac_include_timestamp", "VAPI_HMAC_INCLUDE_TIMESTAMP", True,
+            "HMAC credential's includeTimestamp: 0 = no timestamp header; the payload is the raw body.", _flag),
+    Setting("vapi_hmac_payload_format", "VAPI_HMAC_PAYLOAD_FORMAT", None,
+            "HMAC credential's payloadFormat (default {timestamp}.{body}, or {body} without a timestamp; "
+            "also {method} {url} {svix-id}).", _payload_format),
+    Setting("vapi_hmac_signature_prefix", "VAPI_HMAC_SIGNATURE_PREFIX", None,
+            "HMAC credential's signaturePrefix, e.g. sha256= (none: an <algorithm>= prefix is accepted anyway)."),
+    Setting("vapi_hmac_message_id_header", "VAPI_HMAC_MESSAGE_ID_HEADER", None,
+            "HMAC credential's messageIdHeader: the header {svix-id} is read from.", _header_name),
+    Setting("vapi_hmac_secret_is_base64", "VAPI_HMAC_SECRET_IS_BASE64", False,
+            "HMAC credential's secretIsBase64: VAPI_WEBHOOK_SECRET is base64, decoded into the HMAC key.", _flag),
+    Setting("vapi_public_key", "VAPI_PUBLIC_KEY", None,
+            "Vapi public API key: set, assistants get monitorPlan.controlAuthenticationEnabled and Live Call "
+            "Control requests (ending calls) carry it as Bearer, as the spec asks.", secret=True),
     Setting("vapi_assistant_id", "VAPI_ASSISTANT_ID", None,
             "Vapi assistant used for calls and answered to assistant-request."),
     Setting("vapi_phone_number_id", "VAPI_PHONE_NUMBER_ID", None,
-            "Vapi phone-number id (bypass mode's POST /call needs it)."),
+            "Vapi phone-number id (bypass mode's POST /call needs it; default: the one `twivapi provision` "
+            "imported, from the provision state)."),
     Setting("public_url", "TWIVAPI_PUBLIC_URL", None,
             "Public https base URL Twilio calls; signatures are validated against it.", _public_url),
     Setting("store", "TWIVAPI_STORE", None,
@@ -212,6 +260,14 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("audio_format", "TWIVAPI_AUDIO_FORMAT", "mulaw-8k",
             "Audio to Vapi's WebSocket transport: mulaw-8k (passthrough) | pcm16-16k.",
             _choice(AUDIO_FORMATS)),
+    Setting("barge_in", "TWIVAPI_BARGE_IN", "interrupted",
+            "When Twilio's buffer is cleared: interrupted (on Vapi's user-interrupted: Vapi decides, so "
+            "backchannels such as \"uh-huh\" do not cut the assistant) | speech (also on the caller's "
+            "speech-update started).", _choice(BARGE_IN)),
+    Setting("media_signature", "TWIVAPI_MEDIA_SIGNATURE", "optional",
+            "X-Twilio-Signature on the media stream's upgrade: optional (checked and logged when present; the "
+            "stream is authenticated by the per-call token in its start message) | required (a valid one is "
+            "needed as well).", _choice(MEDIA_SIGNATURE)),
     Setting("host", "TWIVAPI_HOST", "127.0.0.1", "Interface `serve` listens on."),
     Setting("port", "TWIVAPI_PORT", 8080, "Public port `serve` listens on.", _port),
     Setting("admin_port", "TWIVAPI_ADMIN_PORT", 0,
@@ -245,7 +301,11 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("ngrok_authtoken", "NGROK_AUTHTOKEN", None, "ngrok auth token for `serve --tunnel`.",
             secret=True),
     Setting("ngrok_path", "TWIVAPI_NGROK_PATH", None,
-            "The ngrok binary for `serve --tunnel` (default: ngrok on PATH; never downloaded)."),
+            "The ngrok binary for `serve --tunnel` (default: ngrok on PATH, else pyngrok's copy); when "
+            "set, it must exist: nothing is downloaded instead."),
+    Setting("ngrok_install", "TWIVAPI_NGROK_INSTALL", False,
+            "1: `serve --tunnel` downloads ngrok with pyngrok, without asking, when none is installed "
+            "(as --yes); otherwise it asks on a terminal and stops elsewhere.", _flag),
 )
 
 _BY_ATTR = {s.attr: s for s in SETTINGS}
@@ -259,6 +319,16 @@ class Settings:
     vapi_api_key: Secret | None = None
     vapi_base_url: str = "https://api.vapi.ai"
     vapi_webhook_secret: Secret | None = None
+    vapi_hmac_algorithm: str = "sha256"
+    vapi_hmac_encoding: str = "hex"
+    vapi_hmac_signature_header: str = "x-signature"
+    vapi_hmac_timestamp_header: str = "x-timestamp"
+    vapi_hmac_include_timestamp: bool = True
+    vapi_hmac_payload_format: str | None = None
+    vapi_hmac_signature_prefix: str | None = None
+    vapi_hmac_message_id_header: str | None = None
+    vapi_hmac_secret_is_base64: bool = False
+    vapi_public_key: Secret | None = None
     vapi_assistant_id: str | None = None
     vapi_phone_number_id: str | None = None
     public_url: str | None = None
@@ -266,6 +336,8 @@ class Settings:
     redis_prefix: str = "twivapi:"
     mode: Mode = Mode.STREAM
     audio_format: str = "mulaw-8k"
+    barge_in: str = "interrupted"
+    media_signature: str = "optional"
     host: str = "127.0.0.1"
     port: int = 8080
     admin_port: int = 0
@@ -280,6 +352,7 @@ class Settings:
     body_timeout: float = 10.0
     ngrok_authtoken: Secret | None = None
     ngrok_path: str | None = None
+    ngrok_install: bool = False
 
     def require(self, *attrs: str) -> None:
         """Fail with one message naming every missing variable and how to set it."""
@@ -338,8 +411,25 @@ def load_settings(flags: Mapping[str, Any] | None = None, *, environ: Mapping[st
             if value is not None:
                 values[setting.attr] = value
                 break
+    if "vapi_phone_number_id" not in values:   # what provision imported (bypass mode needs it)
+        provisioned = provisioned_phone_number_id(values.get("state_dir") or _BY_ATTR["state_dir"].default)
+        if provisioned:
+            values["vapi_phone_number_id"] = provisioned
     known = {f.name for f in fields(Settings)}
     return Settings(**{k: v for k, v in values.items() if k in known})
+
+
+def provisioned_phone_number_id(state_dir: str | Path) -> str | None:
+    """The Vapi phone-number id `twivapi provision` recorded (``<state dir>/provision.json``,
+    ``vapi_phone_number.id``: the number it imported for bypass or native mode), or None."""
+    import json
+    try:
+        data = json.loads((Path(state_dir) / "provision.json").read_text())
+    except (OSError, ValueError):
+        return None
+    imported = data.get("vapi_phone_number") if isinstance(data, dict) else None
+    found = imported.get("id") if isinstance(imported, dict) else None
+    return found if isinstance(found, str) and found else None
 
 
 def settings_table() -> list[tuple[str, str, str]]:
@@ -349,3 +439,10 @@ def settings_table() -> list[tuple[str, str, str]]:
         default = "" if s.default is None else str(s.default)
         rows.append((s.env, default, s.help))
     return rows
+
+
+def output_columns() -> int | None:
+    """``COLUMNS`` when it is set to a number: an output width the user chose (rich honours it too);
+    the CLI then lays tables out at that width even when stdout is not a terminal."""
+    value = os.environ.get("COLUMNS", "")
+    return int(value) if value.isdigit() else None

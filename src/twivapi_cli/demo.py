@@ -51,6 +51,15 @@ class DemoReport:
         return all(call.ok for call in self.calls)
 
 
+def report_document(report: DemoReport) -> dict[str, Any]:
+    """The report as JSON (``twivapi demo --json``): the same figures, checks and timeline as the table."""
+    return {"ok": report.ok, "seconds": round(report.seconds, 3), "number": report.number,
+            "calls": [{"name": call.name, "call_sid": call.call_sid, "ok": call.ok, "figures": call.figures,
+                       "checks": [{"name": name, "ok": ok} for name, ok in call.checks],
+                       "timeline": [{"t": round(t, 3), "event": kind} for t, kind in call.timeline]}
+                      for call in report.calls]}
+
+
 def _speech(silence_ms: int, voice_ms: int) -> bytes:
     voice = audio.pcm16_to_ulaw(audio.tone(300.0, voice_ms, rate=8000, amplitude=0.5))
     return audio.silence_mulaw(silence_ms) + voice
@@ -102,13 +111,16 @@ async def run_demo(workdir: Path | None = None, progress: Callable[[str], None] 
             number, _ = await asyncio.to_thread(_provision, sims, public)
             creds = state.credentials
             admin = VapiClient(sims.vapi_url, creds.vapi_api_key)
-            assistant = await admin.create_assistant({**ASSISTANT, "server": {"url": f"{public}/vapi/webhook"}})
+            secret = state.vapi.webhook_secret or creds.vapi_webhook_secret
+            # as provision does: Vapi authenticates server messages only as the server's headers say
+            assistant = await admin.create_assistant({**ASSISTANT, "server": {
+                "url": f"{public}/vapi/webhook", "headers": {"X-Vapi-Secret": secret}}})
             await admin.aclose()
             progress(f"bought {number} (simulated), assistant {assistant['id']}, bridge on {public}")
             settings = Settings(
                 twilio_account_sid=creds.account_sid, twilio_auth_token=Secret(creds.auth_token),
                 twilio_api_base_url=sims.twilio_url, vapi_api_key=Secret(creds.vapi_api_key),
-                vapi_base_url=sims.vapi_url, vapi_webhook_secret=Secret(state.vapi.webhook_secret or creds.vapi_webhook_secret),
+                vapi_base_url=sims.vapi_url, vapi_webhook_secret=Secret(secret),
                 vapi_assistant_id=assistant["id"], public_url=public, mode=Mode.STREAM,
                 store=f"sqlite:///{workdir / 'demo.db'}", state_dir=workdir)
             app = create_app(settings, *open_state(settings.store_url), VapiClient(sims.vapi_url, creds.vapi_api_key))
@@ -132,7 +144,8 @@ async def _place_calls(state, sims, bridge, app, number: str, progress) -> list[
         call = state.twilio.start_inbound_call(to=number, from_=from_)
         progress(f"calling: {name} ({call.sid})")
         result = await caller.call(call.url, from_=from_, to=number, plan=plan, call_sid=call.sid,
-                                   status_callback=call.status_callback)
+                                   status_callback=call.status_callback,
+                                   status_callback_events=call.status_callback_events)
         return name, result
 
     try:

@@ -110,14 +110,101 @@ class Step(Strict):
         return "twilio" if self.twilio else "vapi" if self.vapi is not None else "media"
 
 
+class AssistantRequirements(Strict):
+    greeting_ms: float | None = Field(
+        default=None, gt=0, le=600_000,
+        description="the assistant's first message lasts at least this long (ms of audio); a shorter one is "
+                    "reported as this requirement not met, not as a bridge fault")
+
+
+class Requirements(Strict):
+    assistant: AssistantRequirements = Field(
+        default_factory=AssistantRequirements,
+        description="what the assistant behind the target must do for the expectations to hold")
+
+
 class Fixture(Strict):
     name: str
     description: str = ""
     mode: Literal["stream", "bypass", "native"] = Field(default="stream", description="the bridge mode it expects")
     assistant: dict[str, Any] = Field(default_factory=dict,
                                       description="--in-process: the simulated assistant's behaviour")
+    requires: Requirements = Field(
+        default_factory=Requirements,
+        description='what the fixture needs of the assistant behind the target, e.g. {"assistant": {"greeting_ms": '
+                    '1500}}; --in-process shapes the simulated one to meet it')
     vars: dict[str, str] = Field(default_factory=dict)
     steps: list[Step] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def consistent_requirements(self) -> Fixture:
+        wanted, given = self.requires.assistant.greeting_ms, self.assistant.get("greeting_ms")
+        if wanted is not None and isinstance(given, (int, float)) and given < wanted:
+            raise ValueError(f"assistant.greeting_ms ({given:g}) is shorter than requires.assistant.greeting_ms "
+                             f"({wanted:g}): the simulated assistant would not meet the fixture's own requirement")
+        return self
+
+
+# --- what a fixture needs of the assistant -----------------------------------------------------------
+# A fixture's audio expectations can depend on the assistant (how long it greets), not only on the
+# bridge. ``requires`` says so; ``simulator_script`` shapes --in-process's simulated assistant to
+# meet it, and ``explain_requirements`` turns a shortfall the assistant caused into a message that
+# names the requirement instead of blaming the bridge.
+
+DEFAULT_SIMULATOR = {"greeting_ms": 2000, "reply_ms": 500}
+TURN_OVER_MS = 400   # no assistant audio for this long, every mark played: the utterance had ended
+
+
+def describe_requirements(fixture: Fixture) -> str | None:
+    """``requires`` in words (``fixtures validate`` prints it), or None when the fixture needs nothing."""
+    greeting = fixture.requires.assistant.greeting_ms
+    return None if greeting is None else f"needs an assistant whose greeting lasts at least {greeting:g} ms"
+
+
+def simulator_script(fixture: Fixture) -> dict[str, Any]:
+    """The simulated assistant's ``metadata.simulator`` for --in-process: the defaults, the fixture's
+    ``assistant`` block over them, and a greeting at least as long as ``requires`` asks."""
+    script = {**DEFAULT_SIMULATOR, **fixture.assistant}
+    wanted = fixture.requires.assistant.greeting_ms
+    if wanted is not None and float(script.get("greeting_ms") or 0) < wanted:
+        script["greeting_ms"] = int(wanted + 0.999)
+    return script
+
+
+def explain_requirements(fixture: Fixture, step: Step, media: Any, problems: list[str],
+                         now: float | None = None) -> list[str]:
+    """A media step's problems, with a ``min_audio_ms`` shortfall the assistant caused restated as the
+    fixture's ``requires.assistant.greeting_ms`` not met.
+
+    ``media`` is replay's MediaSession (``result.heard`` / ``result.received``: the mu-law bytes
+    played at the caller / received, ``media_times``: arrival of each frame, ``marks_sent`` /
+    ``result.marks_echoed``). The assistant is the cause when its audio had stopped (nothing for
+    TURN_OVER_MS before the step ended) and everything received, marks included, was played: the server relayed the whole utterance, which was shorter than
+    the requirement. Anything else (no audio at all, audio still arriving, marks outstanding) stays
+    the server's problem, as reported."""
+    import time
+
+    wanted = fixture.requires.assistant.greeting_ms
+    expect = step.expect.media
+    if wanted is None or expect is None or expect.min_audio_ms is None or media is None:
+        return problems
+    shortfall = [p for p in problems if p.startswith("heard ") and "expected at least" in p]
+    times = list(getattr(media, "media_times", []) or [])
+    if not shortfall or not times:
+        return problems
+    now = time.monotonic() if now is None else now
+    heard_ms = len(media.result.heard) / 8
+    marks = list(getattr(media, "marks_sent", []) or [])
+    played = set(media.result.marks_echoed)
+    everything_played = len(media.result.heard) >= len(media.result.received) and all(m in played for m in marks)
+    turn_over = (now - times[-1]) * 1000 >= TURN_OVER_MS and everything_played
+    if not turn_over or heard_ms >= wanted:
+        return problems
+    restated = (f"requirement not met: the assistant behind the target stopped speaking after {heard_ms:.0f} ms "
+                f"(all of it relayed: no audio for the last {(now - times[-1]) * 1000:.0f} ms, every mark played); "
+                f"this fixture requires an assistant whose greeting lasts at least {wanted:g} ms "
+                f"(requires.assistant.greeting_ms): point it at such an assistant, or run it with --in-process")
+    return [restated if p in shortfall else p for p in problems]
 
 
 def schema() -> dict[str, Any]:

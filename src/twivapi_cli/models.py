@@ -182,6 +182,7 @@ class EventType:
     VAPI_DUPLICATE = "vapi.duplicate"
     VAPI_PARKED = "vapi.parked"
     VAPI_REPORT = "vapi.report"
+    VAPI_UNKNOWN_TYPE = "vapi.unknown-type"   # a message type newer than this bridge: answered {}, not applied
     PARKED_EXPIRED = "parked.expired"
     RACE_HANGUP_BEFORE_READY = "race.hangup-before-ready"
     RACE_VAPI_CALL_AFTER_END = "race.vapi-call-after-end"

@@ -23,7 +23,7 @@ import websockets
 
 from . import audio, net, signing, twilio_media
 from .errors import FixtureError, TargetUnreachable
-from .fixtures import TWILIO_WEBHOOKS, Fixture, Step, render
+from .fixtures import TWILIO_WEBHOOKS, Fixture, Step, explain_requirements, render, simulator_script
 from .sim.twilio_caller import FRAME, Player
 
 
@@ -122,14 +122,20 @@ class MediaSession:
         self.marks_sent: list[str] = []
         self.sequence = 0
         self.chunk = 0
+        self.started = time.monotonic()
         self.closed = asyncio.Event()
         self.player = Player(self.result, self.send, stream_sid)
         self.tasks = [asyncio.create_task(self.player.run()), asyncio.create_task(self.receive())]
 
     async def send(self, message: twilio_media.Message) -> None:
-        self.sequence += 1
+        """Numbered as Twilio numbers them: every message but ``connected``, from 1 at ``start``."""
+        if isinstance(message, twilio_media.Start):
+            self.started = time.monotonic()   # media timestamps count from here
+        if not isinstance(message, twilio_media.Connected):
+            self.sequence += 1
+            message = twilio_media.numbered(message, self.sequence)
         try:
-            await self.ws.send(twilio_media.serialize(twilio_media.numbered(message, self.sequence)))
+            await self.ws.send(twilio_media.serialize(message))
         except websockets.ConnectionClosed:
             self.closed.set()
 
@@ -159,8 +165,10 @@ class MediaSession:
         for i in range(0, len(pcm_or_ulaw), FRAME):
             self.chunk += 1
             frame = pcm_or_ulaw[i:i + FRAME].ljust(FRAME, b"\xff")
+            # timestamp: ms since the stream started, as Twilio's (it streams through a step's pauses too)
+            timestamp = round((time.monotonic() - self.started) * 1000)
             await self.send(twilio_media.Media(self.stream_sid, frame, track="inbound", chunk=self.chunk,
-                                               timestamp=self.chunk * 20))
+                                               timestamp=timestamp))
             await asyncio.sleep(max(0.0, start + (i // FRAME + 1) * seconds_per_frame - time.monotonic()))
 
     async def close(self) -> None:
@@ -212,6 +220,8 @@ class Runner:
                 await asyncio.sleep(max(0.0, wait_until - time.monotonic()))
                 for _ in range(step.repeat):
                     result, media = await self.step(index, step, variables, media, path)
+                    if not result.ok and step.kind == "media":
+                        result.problems = explain_requirements(fixture, step, media, result.problems)
                     results.append(result)
                 previous_end = time.monotonic()
         finally:
@@ -239,6 +249,8 @@ class Runner:
             route = route_name(rendered)
             problems.append(f"the target has no route for {route}: map it with --route {route}=PATH")
         self.capture(rendered, response, variables)
+        if rendered.twilio == "voice":
+            remember_stream_parameters(response, variables)
         return StepResult(index, label(step), not problems, elapsed, problems, response.status_code), media
 
     # --- routes ---------------------------------------------------------------------------------
@@ -377,7 +389,11 @@ class Runner:
                 sign_url, url = url, twilio_media.ws_url(self.target) + url[len(public_ws):]
             else:
                 sign_url = url
-            headers = {"X-Twilio-Signature": signing.twilio_signature(self.creds.twilio_auth_token or "", sign_url, {})}
+            token = (self.creds.twilio_auth_token or "") + ("x" if step.signature == "wrong-token" else "")
+            if step.signature == "wrong-url":
+                sign_url = "wss://wrong.example.invalid" + httpx.URL(sign_url).raw_path.decode()
+            headers = {} if step.signature == "none" else {
+                "X-Twilio-Signature": signing.twilio_signature(token, sign_url, {})}
             try:
                 ws = await websockets.connect(url, additional_headers=headers, compression=None, max_size=2**20)
             except (OSError, websockets.WebSocketException) as exc:
@@ -386,8 +402,10 @@ class Runner:
             variables["stream_sid"] = stream_sid
             media = MediaSession(ws, stream_sid, variables["call_sid"], self.creds.account_sid)
             await media.send(twilio_media.Connected())
+            # the TwiML's <Parameter>s, as Twilio sends them (the stream's token among them)
+            parameters = json.loads(variables.get(STREAM_PARAMETERS) or "null") or {"callSid": variables["call_sid"]}
             await media.send(twilio_media.Start(stream_sid, variables["call_sid"], self.creds.account_sid, ("inbound",),
-                                                {"callSid": variables["call_sid"]}))
+                                                parameters))
             return media, self.check_media(step, media, time.monotonic())
         if media is None:
             return media, ["no media socket: add a media open step first"]
@@ -453,6 +471,22 @@ class Runner:
         if expect.closed and not media.closed.is_set():
             problems.append("the server did not close the socket")
         return problems
+
+
+STREAM_PARAMETERS = "stream.parameters"   # the variable holding the last voice TwiML's <Stream> <Parameter>s
+
+
+def remember_stream_parameters(response: httpx.Response, variables: dict) -> None:
+    """After a voice webhook: the ``<Parameter>`` elements of the ``<Connect><Stream>`` it answered (as
+    JSON), which a later ``media open`` sends in ``start.customParameters``, as Twilio does."""
+    try:
+        root = ET.fromstring(response.text)
+    except ET.ParseError:
+        return
+    stream = root.find("Connect/Stream")
+    if stream is not None:
+        variables[STREAM_PARAMETERS] = json.dumps({p.get("name", ""): p.get("value", "")
+                                                   for p in stream.findall("Parameter")})
 
 
 def _ms(started: float) -> float:
@@ -522,7 +556,7 @@ class InProcess:
             "name": f"replay-{fixture.name}"[:40], "server": {"url": public + "/vapi/webhook"},
             "model": {"provider": "openai", "model": "gpt-4o", "tools": [
                 {"type": "function", "function": {"name": "lookup_order"}}]},
-            "metadata": {"simulator": {"greeting_ms": 2000, "reply_ms": 500, **fixture.assistant}}})
+            "metadata": {"simulator": simulator_script(fixture)}})
         creds = self.state.credentials
         settings = Settings(twilio_account_sid=creds.account_sid, twilio_auth_token=Secret(creds.auth_token),
                             vapi_api_key=Secret(creds.vapi_api_key), vapi_base_url=self.sims.vapi_url,

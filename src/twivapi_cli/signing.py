@@ -7,10 +7,13 @@ by the twilio SDK's ``RequestValidator.compute_signature`` (the oracle everyone 
 parts it gets wrong for a server: ``hmac.compare_digest``, hashing raw bytes rather than str, and a
 diagnosis of *which* URL Twilio signed when validation fails behind a proxy or tunnel.
 
-Vapi (reference/vapi.md §3): the plain secret in ``X-Vapi-Secret``, ``Authorization: Bearer``, or
-an HMAC credential (hex SHA-256 in ``X-Signature`` over ``"{timestamp}.{body}"`` with
-``X-Timestamp``, or ``X-Vapi-Signature`` over the raw body). All are accepted; which one matched is
-reported so logs can say so.
+Vapi (reference/vapi.md §3): the plain secret in ``X-Vapi-Secret`` (or, as older setups send it,
+in ``X-Vapi-Signature``), ``Authorization: Bearer``, or an HMAC credential as Vapi's
+``HMACAuthenticationPlan`` configures it (``HmacPlan``: sha256/sha512/sha1, hex or base64, any
+signature / timestamp / message-id header names, a prefix, a payload format, with or without a
+timestamp, a base64 secret; default hex SHA-256 in ``X-Signature`` over ``"{timestamp}.{body}"``
+with ``X-Timestamp``), or ``X-Vapi-Signature`` as hex SHA-256 over the raw body. All are accepted;
+which one matched is reported so logs can say so.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import hashlib
 import hmac
 import time
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from twilio.request_validator import RequestValidator
@@ -50,6 +54,22 @@ def parse_form(body: bytes) -> Params:
     """Decode an x-www-form-urlencoded body, keeping blank values (they are signed too)."""
     text = body.decode("utf-8")  # UnicodeDecodeError -> caller answers 400
     return Params.from_pairs(parse_qsl(text, keep_blank_values=True, strict_parsing=False))
+
+
+def header_bytes(value: str) -> bytes:
+    """A header value as the bytes a client sent: ASGI servers hand them over latin-1-decoded
+    (Starlette's headers do), so latin-1 gives them back exactly; a str that never came off the wire
+    (a character above U+00FF) is taken as UTF-8. Never raises, so a comparison never does."""
+    try:
+        return value.encode("latin-1")
+    except UnicodeEncodeError:
+        return value.encode("utf-8", "surrogatepass")
+
+
+def _same(received: str, expected: str) -> bool:
+    """Constant-time comparison of a received header value with what we computed, as bytes:
+    ``hmac.compare_digest`` raises TypeError on a str that is not ASCII (any client can send one)."""
+    return hmac.compare_digest(header_bytes(received), expected.encode("utf-8", "surrogatepass"))
 
 
 def _as_params(params: Mapping[str, str | Sequence[str]] | None) -> Params:
@@ -110,13 +130,13 @@ def verify_twilio(token: str, url: str, params: Mapping | None, signature: str |
     query = dict(parse_qsl(urlsplit(url).query, keep_blank_values=True))
     if body is not None and params is None:
         expected_hash = query.get("bodySHA256")
-        if expected_hash is None or not hmac.compare_digest(expected_hash, body_sha256(body)):
+        if expected_hash is None or not _same(expected_hash, body_sha256(body)):   # from the query: any text
             return False
     validator = RequestValidator(token)
     signed_params = _as_params(params)
     ok = False
     for candidate in _port_variants(url):
-        ok |= hmac.compare_digest(validator.compute_signature(candidate, signed_params), signature)
+        ok |= _same(signature, validator.compute_signature(candidate, signed_params))
     return ok
 
 
@@ -142,7 +162,11 @@ def candidate_urls(public_url: str | None, path_qs: str, headers: Mapping[str, s
     for s in schemes:
         for h in hosts:
             for p in paths:
-                for url in _port_variants(f"{s}://{h}{p}" + (f"?{query}" if query else "")):
+                try:
+                    variants = _port_variants(f"{s}://{h}{p}" + (f"?{query}" if query else ""))
+                except ValueError:   # a Host / X-Forwarded-* value that is no host ("[", "a:b", "h:99999")
+                    continue
+                for url in variants:
                     if url not in seen:
                         seen.append(url)
     return seen
@@ -166,6 +190,25 @@ def diagnose_twilio_url(token: str, signature: str | None, params: Mapping | Non
     return None
 
 
+# --- the media stream's token --------------------------------------------------------------------
+# Whether (and over which URL) Twilio signs the Media Streams upgrade, sources disagree. What only
+# Twilio can have is the TwiML we answered to a signed voice webhook: it carries this token as a
+# <Parameter>, and Twilio hands it back in the stream's start.customParameters.
+
+STREAM_TOKEN_PARAM = "twivapiToken"
+
+
+def stream_token(auth_token: str, call_sid: str) -> str:
+    """The per-call stream token: hex HMAC-SHA256 of the CallSid, keyed by the Auth Token (64
+    characters: well within a <Parameter>'s 500)."""
+    return hmac.new(auth_token.encode(), call_sid.encode(), hashlib.sha256).hexdigest()
+
+
+def verify_stream_token(auth_token: str, call_sid: str, token: str | None) -> bool:
+    """Whether ``token`` (from ``start.customParameters``) is this call's, in constant time."""
+    return token is not None and _same(token, stream_token(auth_token, call_sid))
+
+
 # --- Vapi -----------------------------------------------------------------------------------------
 
 def vapi_hmac(secret: str, body: bytes, timestamp: str | None) -> str:
@@ -173,18 +216,97 @@ def vapi_hmac(secret: str, body: bytes, timestamp: str | None) -> str:
     return hmac.new(secret.encode(), message, hashlib.sha256).hexdigest()
 
 
-def sign_vapi(secret: str, body: bytes, mode: str = "secret", *, timestamp: float | None = None) -> dict[str, str]:
-    """Headers Vapi sends for a server message under each credential type."""
+HMAC_ALGORITHMS = {"sha256": hashlib.sha256, "sha512": hashlib.sha512, "sha1": hashlib.sha1}
+HMAC_ENCODINGS = ("hex", "base64")
+
+
+@dataclass(frozen=True)
+class HmacPlan:
+    """Vapi's ``HMACAuthenticationPlan`` (a custom credential's ``authenticationPlan``), field for
+    field with the spec's defaults; the secret (``secretKey``) is passed separately."""
+
+    algorithm: str = "sha256"                 # sha256 | sha512 | sha1
+    signature_header: str = "x-signature"
+    timestamp_header: str = "x-timestamp"
+    signature_prefix: str = ""                # e.g. "sha256=" (GitHub style)
+    include_timestamp: bool = True
+    payload_format: str = ""                  # "" = "{timestamp}.{body}", or "{body}" without a timestamp
+    message_id_header: str = ""               # {svix-id} in the payload format (Svix style)
+    signature_encoding: str = "hex"           # hex | base64
+    secret_is_base64: bool = False
+
+    def __post_init__(self) -> None:
+        if self.algorithm not in HMAC_ALGORITHMS:
+            raise ValueError(f"HMAC algorithm must be one of {', '.join(HMAC_ALGORITHMS)}")
+        if self.signature_encoding not in HMAC_ENCODINGS:
+            raise ValueError(f"HMAC signature encoding must be one of {', '.join(HMAC_ENCODINGS)}")
+
+    @property
+    def format(self) -> str:
+        return self.payload_format or ("{timestamp}.{body}" if self.include_timestamp else "{body}")
+
+    def key(self, secret: str) -> bytes:
+        """The HMAC key: the secret's UTF-8 bytes, or its base64 decoding (``secretIsBase64``)."""
+        if self.secret_is_base64:
+            try:
+                return base64.b64decode(secret.strip(), validate=True)
+            except ValueError:
+                raise ValueError("the webhook secret is not valid base64 (secretIsBase64 is set)") from None
+        return secret.encode()
+
+    def payload(self, body: bytes, *, timestamp: str = "", method: str = "POST", url: str = "",
+                message_id: str = "") -> bytes:
+        """The signed bytes: the payload format with its placeholders filled, ``{body}`` as the raw body."""
+        parts = []
+        for piece in self.format.split("{body}"):
+            for name, value in (("{timestamp}", timestamp), ("{method}", method), ("{url}", url),
+                                ("{svix-id}", message_id)):
+                piece = piece.replace(name, value)
+            parts.append(piece.encode())
+        return body.join(parts)
+
+    def signature(self, secret: str, payload: bytes) -> str:
+        """The header value: prefix + the digest in the plan's encoding."""
+        digest = hmac.new(self.key(secret), payload, HMAC_ALGORITHMS[self.algorithm]).digest()
+        encoded = digest.hex() if self.signature_encoding == "hex" else base64.b64encode(digest).decode()
+        return self.signature_prefix + encoded
+
+    @property
+    def signs_timestamp(self) -> bool:
+        return "{timestamp}" in self.format
+
+
+DEFAULT_HMAC_PLAN = HmacPlan()
+
+
+def sign_vapi(secret: str, body: bytes, mode: str = "secret", *, timestamp: float | None = None,
+              plan: HmacPlan | None = None, url: str = "", message_id: str = "") -> dict[str, str]:
+    """Headers Vapi sends for a server message under each credential type: ``secret``
+    (``X-Vapi-Secret``), ``signature`` (the plain token in ``X-Vapi-Signature``, as older setups
+    send it), ``bearer``, ``hmac`` (as ``plan`` says; default ``X-Signature`` over
+    ``"{timestamp}.{body}"``), ``hmac-body`` (``X-Vapi-Signature`` over the raw body), ``none``."""
     if mode == "secret":
         return {"X-Vapi-Secret": secret}
+    if mode == "signature":
+        return {"X-Vapi-Signature": secret}
     if mode == "bearer":
         return {"Authorization": f"Bearer {secret}"}
     if mode == "hmac":
+        plan = plan or DEFAULT_HMAC_PLAN
         ts = str(int((timestamp or time.time()) * 1000))
-        return {"X-Timestamp": ts, "X-Signature": vapi_hmac(secret, body, ts)}
+        headers: dict[str, str] = {}
+        if plan.include_timestamp or plan.signs_timestamp:
+            headers[plan.timestamp_header] = ts
+        if plan.message_id_header:
+            headers[plan.message_id_header] = message_id
+        payload = plan.payload(body, timestamp=ts if plan.signs_timestamp else "", url=url, message_id=message_id)
+        headers[plan.signature_header] = plan.signature(secret, payload)
+        return headers
+    if mode == "hmac-body":
+        return {"X-Vapi-Signature": vapi_hmac(secret, body, None)}
     if mode == "none":
         return {}
-    raise ValueError(f"unknown Vapi auth mode {mode!r} (secret, bearer, hmac, none)")
+    raise ValueError(f"unknown Vapi auth mode {mode!r} (secret, signature, bearer, hmac, hmac-body, none)")
 
 
 def _fresh(timestamp: str, now: float) -> bool:
@@ -196,30 +318,74 @@ def _fresh(timestamp: str, now: float) -> bool:
     return abs(now - seconds) <= HMAC_TOLERANCE_SECONDS
 
 
-def verify_vapi(secret: str, headers: Mapping[str, str], body: bytes, now: float | None = None) -> tuple[bool, str]:
-    """(accepted, how-or-why). ``headers`` must be case-insensitive (Starlette's are)."""
+def verify_vapi(secret: str, headers: Mapping[str, str], body: bytes, now: float | None = None,
+                plan: HmacPlan | None = None, *, method: str = "POST", url: str = "") -> tuple[bool, str]:
+    """(accepted, how-or-why). ``headers`` must be case-insensitive (Starlette's are).
+
+    In order: ``X-Vapi-Secret`` (the plain token), ``Authorization`` (bearer), the HMAC ``plan``'s
+    signature header (default ``X-Signature``; ``method`` and ``url`` fill its payload format's
+    ``{method}`` and ``{url}``), ``X-Vapi-Signature`` (the plain token, as older setups send it, or
+    hex SHA-256 over the raw body).
+
+    Header values are compared as the bytes the client sent (``header_bytes``): the secrets
+    against ``VAPI_WEBHOOK_SECRET``'s UTF-8 bytes; a signature or timestamp that is not ASCII (hex,
+    base64 and digits are) is refused with that reason. Reasons never quote a value.
+    """
+    plan = plan or DEFAULT_HMAC_PLAN
     plain = headers.get("x-vapi-secret")
     if plain is not None:
-        ok = hmac.compare_digest(plain.encode(), secret.encode())
+        ok = _same(plain, secret)
         return ok, "x-vapi-secret" if ok else "X-Vapi-Secret does not match VAPI_WEBHOOK_SECRET"
     auth = headers.get("authorization")
     if auth is not None:
         token = auth[7:] if auth.lower().startswith("bearer ") else auth
-        ok = hmac.compare_digest(token.encode(), secret.encode())
+        ok = _same(token, secret)
         return ok, "bearer" if ok else "Authorization bearer token does not match VAPI_WEBHOOK_SECRET"
-    signature = headers.get("x-signature")
+    signature = headers.get(plan.signature_header)
     if signature is not None:
-        timestamp = headers.get("x-timestamp")
-        if timestamp is None or not _fresh(timestamp, now or time.time()):
-            return False, "X-Timestamp missing or outside the 5 minute tolerance"
-        signature = signature.removeprefix("sha256=")
-        ok = hmac.compare_digest(signature, vapi_hmac(secret, body, timestamp))
-        return ok, "hmac" if ok else "X-Signature HMAC does not match (wrong secret or altered body)"
+        ok, why = _verify_plan(secret, plan, headers, signature, body, now, method, url)
+        if not ok and plan.signature_header.lower() == "x-vapi-signature" and _same(signature, secret):
+            return True, "x-vapi-signature"
+        return ok, why
     signature = headers.get("x-vapi-signature")
     if signature is not None:
-        ok = hmac.compare_digest(signature.removeprefix("sha256="), vapi_hmac(secret, body, None))
-        return ok, "hmac-body" if ok else "X-Vapi-Signature HMAC does not match"
-    return False, "no X-Vapi-Secret, Authorization or HMAC signature header"
+        if _same(signature, secret):   # the legacy plain token (older docs: "sent as X-Vapi-Signature")
+            return True, "x-vapi-signature"
+        if not signature.isascii():
+            return False, "X-Vapi-Signature is not ASCII (expected the token or hex)"
+        ok = _same(signature.removeprefix("sha256="), vapi_hmac(secret, body, None))
+        return ok, "hmac-body" if ok else "X-Vapi-Signature is neither VAPI_WEBHOOK_SECRET nor its HMAC of the body"
+    return False, f"no X-Vapi-Secret, Authorization, {plan.signature_header} or X-Vapi-Signature header"
+
+
+def _verify_plan(secret: str, plan: HmacPlan, headers: Mapping[str, str], signature: str, body: bytes,
+                 now: float | None, method: str, url: str) -> tuple[bool, str]:
+    """An HMAC signature as ``plan`` says it is made."""
+    name = plan.signature_header
+    timestamp = ""
+    if plan.signs_timestamp or plan.include_timestamp:
+        found = headers.get(plan.timestamp_header)
+        if found is not None and not found.isascii():
+            return False, f"{plan.timestamp_header} is not ASCII (expected a number)"
+        if found is None or not _fresh(found, now or time.time()):
+            return False, f"{plan.timestamp_header} missing or outside the 5 minute tolerance"
+        timestamp = found
+    if not signature.isascii():
+        return False, f"{name} is not ASCII (expected {plan.signature_encoding})"
+    message_id = headers.get(plan.message_id_header, "") if plan.message_id_header else ""
+    try:
+        payload = plan.payload(body, timestamp=timestamp if plan.signs_timestamp else "", method=method, url=url,
+                               message_id=message_id)
+        expected = plan.signature(secret, payload)
+    except ValueError as exc:   # a base64 secret that is not base64: a configuration error, said once per request
+        return False, str(exc)
+    received = signature.strip()
+    if not plan.signature_prefix:   # no prefix configured: "sha256=<hex>" (GitHub style) is taken too
+        received = received.removeprefix(f"{plan.algorithm}=")
+    if plan.signature_encoding == "hex":
+        received, expected = received.lower(), expected.lower()
+    ok = _same(received, expected)
+    return ok, "hmac" if ok else f"{name} HMAC does not match (wrong secret, wrong plan settings or altered body)"
 
 
 def b64(data: bytes) -> str:

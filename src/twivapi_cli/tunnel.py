@@ -1,8 +1,11 @@
 """`serve --tunnel`: an ngrok tunnel through pyngrok, and pointing the provisioned number and
 assistant at it for the session.
 
-twivapi never downloads ngrok: without the binary (on PATH or ``TWIVAPI_NGROK_PATH``) or without
-``NGROK_AUTHTOKEN`` it stops at once and says how to fix it. While the tunnel is up, the number's
+The binary: ``TWIVAPI_NGROK_PATH``, else ngrok on PATH, else pyngrok's own copy (``PYNGROK_NGROK_PATH``
+or pyngrok's config dir). Without one, ``ensure_ngrok`` installs it there through pyngrok's installer,
+but only when told to (``--yes`` / ``TWIVAPI_NGROK_INSTALL``) or after asking on a terminal; never
+silently (pyngrok's ``connect`` would download on its own: it only ever gets a path that exists).
+Without ``NGROK_AUTHTOKEN`` it stops at once and says how to fix it. While the tunnel is up, the number's
 voice/status URLs and the assistant's server URL point at it; the prior values are written to the
 provision state file first, so they are restored on exit, and on the next start after a crash.
 """
@@ -10,13 +13,20 @@ provision state file first, so they are restored on exit, and on the next start 
 from __future__ import annotations
 
 import asyncio
+import re
 import shutil
+import subprocess
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .config import Settings
 from .errors import TunnelError
+
+if TYPE_CHECKING:
+    from .provision import Check
 
 REWIRED = "tunnel_rewired"   # the provision state file's record of what the tunnel changed
 
@@ -27,19 +37,144 @@ class Tunnel:
     close: Callable[[], None]
 
 
+DOWNLOAD_PAGE = "https://ngrok.com/download"
+
+
+@dataclass(frozen=True)
+class NgrokBinary:
+    path: str
+    source: str   # "TWIVAPI_NGROK_PATH", "PATH" or "pyngrok" (its own copy)
+
+
+def pyngrok_ngrok_path() -> str:
+    """Where pyngrok keeps its own ngrok, and where ``install_ngrok`` puts one: ``PYNGROK_NGROK_PATH``,
+    else pyngrok's config dir (``~/.config/ngrok/ngrok`` on Linux), as pyngrok itself resolves it."""
+    from pyngrok import conf
+    return conf.PyngrokConfig().ngrok_path
+
+
+def find_ngrok(settings: Settings) -> NgrokBinary | None:
+    """The ngrok ``serve --tunnel`` would use, or None when none is installed."""
+    if settings.ngrok_path:
+        if not Path(settings.ngrok_path).is_file():
+            raise TunnelError(f"TWIVAPI_NGROK_PATH={settings.ngrok_path} is not a file",
+                              hint="point it at the ngrok binary, or unset it to use ngrok on PATH or "
+                                   "pyngrok's copy (which `twivapi serve --tunnel --yes` downloads)")
+        return NgrokBinary(str(settings.ngrok_path), "TWIVAPI_NGROK_PATH")
+    on_path = shutil.which("ngrok")
+    if on_path:
+        return NgrokBinary(on_path, "PATH")
+    own = pyngrok_ngrok_path()
+    if Path(own).is_file():
+        return NgrokBinary(own, "pyngrok")
+    return None
+
+
+def _by_hand(dest: str, url: str | None = None) -> str:
+    where = f"download {url}" if url else f"get it from {DOWNLOAD_PAGE}"
+    return (f"install it by hand: {where}, then put ngrok on PATH, point TWIVAPI_NGROK_PATH at it, or unpack "
+            f"it into {Path(dest).parent}")
+
+
+def _not_installed(dest: str) -> TunnelError:
+    return TunnelError(f"the ngrok binary was not found: not on PATH, no TWIVAPI_NGROK_PATH, no pyngrok copy at {dest}",
+                       hint=f"to download it with pyngrok into {Path(dest).parent}, run `twivapi serve --tunnel --yes` "
+                            f"or set TWIVAPI_NGROK_INSTALL=1; or {_by_hand(dest)}")
+
+
 def ngrok_binary(settings: Settings) -> str:
-    path = settings.ngrok_path or shutil.which("ngrok")
-    if not path or not Path(path).is_file():
-        raise TunnelError("the ngrok binary was not found",
-                          hint="install ngrok from https://ngrok.com/download and put it on PATH, or set "
-                               "TWIVAPI_NGROK_PATH; twivapi does not download it")
-    return str(path)
+    """The ngrok to use; without one, the error that names both ways out (never a download)."""
+    found = find_ngrok(settings)
+    if found is None:
+        raise _not_installed(pyngrok_ngrok_path())
+    return found.path
 
 
-def open_tunnel(settings: Settings, port: int) -> Tunnel:
-    """Start ngrok (through pyngrok) for ``port``; returns its https URL."""
+def ngrok_version(path: str) -> str | None:
+    """``ngrok --version``'s version ("3.19.0"), or None when that does not run."""
+    try:
+        run = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=15, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if run.returncode != 0:
+        return None
+    match = re.search(r"\d+\.\d+\.\d+\S*", run.stdout)
+    return match.group(0) if match else (run.stdout.strip() or None)
+
+
+def ensure_ngrok(settings: Settings, *, ask: Callable[[str], bool] | None,
+                 announce: Callable[[str], None]) -> str:
+    """The ngrok to use, installing it with pyngrok when there is none and that is allowed:
+    ``settings.ngrok_install`` (``--yes``, ``TWIVAPI_NGROK_INSTALL``), or ``ask`` (given only on a
+    terminal) says yes. Otherwise the error that says how to get one."""
+    found = find_ngrok(settings)
+    if found is not None:
+        return found.path
+    dest = pyngrok_ngrok_path()
+    if not settings.ngrok_install:
+        if ask is None:
+            raise _not_installed(dest)
+        if not ask(f"ngrok is not installed: download it now with pyngrok into {Path(dest).parent}?"):
+            raise TunnelError("ngrok is not installed (download declined)",
+                              hint=f"answer yes, or pass --yes; or {_by_hand(dest)}")
+    return install_ngrok(dest, announce=announce)
+
+
+def install_ngrok(dest: str, *, announce: Callable[[str], None]) -> str:
+    """Download ngrok through pyngrok's installer (its URL for this platform, its progress lines on
+    stdout) to ``dest``; returns ``dest``. A failure says what failed and how to install by hand."""
+    from pyngrok import installer
+    from pyngrok.exception import PyngrokError
+
+    try:
+        url = installer.get_ngrok_cdn_url("3")
+    except PyngrokError as exc:
+        raise TunnelError(f"pyngrok has no ngrok download for this machine: {exc}", hint=_by_hand(dest)) from None
+    existed = Path(dest).exists()
+    announce(f"downloading ngrok from {url} into {Path(dest).parent} ...")
+    try:
+        installer.install_ngrok(dest, ngrok_version="3")
+    except (PyngrokError, OSError) as exc:   # pyngrok wraps network, HTTP and archive failures in one error
+        if not existed:
+            Path(dest).unlink(missing_ok=True)   # a half-unpacked binary would be "installed" next time
+        raise TunnelError(f"downloading ngrok failed: {exc}",
+                          hint=f"check the network, and HTTPS_PROXY behind a proxy; or {_by_hand(dest, url)}") from None
+    finally:
+        (Path(tempfile.gettempdir()) / url.rsplit("/", 1)[-1]).unlink(missing_ok=True)   # pyngrok leaves the archive
+    version = ngrok_version(dest)
+    if version is None:
+        raise TunnelError(f"the ngrok downloaded to {dest} does not run", hint=_by_hand(dest, url))
+    announce(f"installed ngrok {version} at {dest}")
+    return dest
+
+
+def ngrok_check(settings: Settings) -> Check:
+    """``twivapi doctor``'s line: which ngrok ``serve --tunnel`` would use (path, version), or none."""
+    from .provision import Check
+    try:
+        found = find_ngrok(settings)
+    except TunnelError as exc:
+        return Check("ngrok", False, exc.message, exc.hint or "")
+    if found is None:   # not a fault: only --tunnel needs it, and it offers to download it
+        return Check("ngrok", True, f"none installed (`serve --tunnel` offers to download it with pyngrok into "
+                                    f"{Path(pyngrok_ngrok_path()).parent})")
+    version = ngrok_version(found.path)
+    if version is None:
+        return Check("ngrok", False, f"{found.path} (from {found.source}) does not run `ngrok --version`",
+                     f"replace it; {_by_hand(found.path)}")
+    return Check("ngrok", True, f"{found.path} (ngrok {version}, from {found.source})")
+
+
+def require_authtoken(settings: Settings) -> None:
     if not settings.ngrok_authtoken:
         raise TunnelError("NGROK_AUTHTOKEN is not set", hint="copy it from the ngrok dashboard into .env")
+
+
+def open_tunnel(settings: Settings, port: int, *, ngrok_path: str | None = None) -> Tunnel:
+    """Start ngrok (through pyngrok) for ``port``; returns its https URL. ``ngrok_path``: the binary
+    ``ensure_ngrok`` found or installed (default: ``ngrok_binary``, which never downloads)."""
+    require_authtoken(settings)
+    assert settings.ngrok_authtoken is not None
     from pyngrok import conf, ngrok
     from pyngrok.exception import PyngrokError
 
@@ -47,7 +182,7 @@ def open_tunnel(settings: Settings, port: int) -> Tunnel:
     config_path.parent.mkdir(parents=True, exist_ok=True)
     if not config_path.exists():
         config_path.write_text('version: "2"\n')   # a local config: pyngrok must not look elsewhere
-    config = conf.PyngrokConfig(ngrok_path=ngrok_binary(settings), auth_token=settings.ngrok_authtoken.reveal(),
+    config = conf.PyngrokConfig(ngrok_path=ngrok_path or ngrok_binary(settings), auth_token=settings.ngrok_authtoken.reveal(),
                                 config_path=str(config_path), monitor_thread=False, startup_timeout=15,
                                 config_version="2")   # the agent's tunnels API, as in the config written above
     try:

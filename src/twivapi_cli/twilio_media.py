@@ -37,14 +37,17 @@ Absent optional fields parse as ``None`` and are left out again by ``serialize``
 from __future__ import annotations
 
 import binascii
+import ipaddress
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar
+from urllib.parse import urlsplit
 
 __all__ = [
     "MAX_PAYLOAD", "BadMessage", "Clear", "Connected", "Dtmf", "Mark", "Media", "MediaFormat", "Message", "Start",
-    "Stop", "from_wire", "media_frame", "numbered", "parse", "serialize", "to_wire", "ws_url",
+    "Stop", "from_wire", "loopback", "media_frame", "numbered", "parse", "serialize", "stream_url_problems", "to_wire",
+    "ws_url",
 ]
 
 MAX_PAYLOAD = 16_000        # bytes of audio in one media message (2 s of mu-law) before it is called bad
@@ -431,3 +434,44 @@ def ws_url(http_url: str) -> str:
         if lowered == "http":
             return "ws://" + rest
     return http_url
+
+
+TWILIO_STREAM_PORT = 443   # Twilio opens media streams to wss:// on this port only (errors 31910, 31922)
+
+
+def loopback(host: str | None) -> bool:
+    """Whether ``host`` is this machine only (``localhost``, 127.0.0.0/8, ``::1``): local work with
+    the simulators, which Twilio never reaches anyway."""
+    if not host:
+        return False
+    host = host.strip("[]").lower().rstrip(".")
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def stream_url_problems(base_url: str) -> tuple[str | None, str | None]:
+    """(error, warning) for ``base_url`` as the base of the stream URL Twilio is told to open.
+
+    Twilio opens media streams only to ``wss://`` on port 443 (errors 31910, 31922): an ``http://``
+    base gives a ``ws://`` stream URL it refuses, so every call fails (an error, unless the host is
+    loopback: local work with the simulators); an ``https://`` base on another port is a warning."""
+    parts = urlsplit(base_url)
+    try:
+        port = parts.port
+    except ValueError:   # not a port: nothing Twilio could open either
+        port = None
+    if parts.scheme.lower() != "https":
+        if loopback(parts.hostname):
+            return None, None
+        return (f"{base_url} is not https://, so the media stream URL would start {ws_url(base_url)}, and Twilio "
+                f"opens media streams only to wss:// on port {TWILIO_STREAM_PORT} (errors 31910, 31922): "
+                "every call would fail"), None
+    if port is not None and port != TWILIO_STREAM_PORT:
+        return None, (f"{base_url} is on port {port}: Twilio opens media streams only to wss:// on port "
+                      f"{TWILIO_STREAM_PORT} (errors 31910, 31922); put the bridge behind a URL on port 443 "
+                      "(a tunnel or a proxy)")
+    return None, None

@@ -62,8 +62,12 @@ def _is_twiml(text: str) -> bool:
 
 class VapiClient:
     def __init__(self, base_url: str, api_key: str, *, client: httpx.AsyncClient | None = None,
-                 timeout: float = 10.0, max_connections: int = 20, verify: ssl.SSLContext | None = None):
+                 timeout: float = 10.0, max_connections: int = 20, verify: ssl.SSLContext | None = None,
+                 control_key: str | None = None):
         self.base_url = base_url.rstrip("/")
+        # Live Call Control with monitorPlan.controlAuthenticationEnabled: "Authorization: Bearer
+        # <vapi-public-api-key>" (the spec); without it, the control URL needs no key
+        self._control_headers = {"Authorization": f"Bearer {control_key}"} if control_key else None
         self._api_key, self._timeout = api_key, timeout
         self._injected = client is not None
         self._verify: ssl.SSLContext | bool = verify or ssl.create_default_context()
@@ -80,11 +84,12 @@ class VapiClient:
         await self._client.aclose()
 
     async def request(self, method: str, path: str, *, json: Any = None, params: dict | None = None,
-                      timeout: float | None = None, idempotent: bool = False) -> Any:
+                      timeout: float | None = None, idempotent: bool = False,
+                      headers: dict[str, str] | None = None) -> Any:
         """One request; ``idempotent`` ones are sent once more if the connection was reset under them
         (a pooled connection the server closed as we reused it). POST /call never is: a second
-        attempt could create a second call."""
-        kwargs: dict[str, Any] = {"json": json, "params": params, "headers": self._headers}
+        attempt could create a second call. ``headers`` replace the API key's."""
+        kwargs: dict[str, Any] = {"json": json, "params": params, "headers": headers or self._headers}
         if timeout is not None:
             kwargs["timeout"] = timeout
         try:
@@ -157,7 +162,8 @@ class VapiClient:
         control_url = monitor.get("controlUrl") if isinstance(monitor, dict) else None
         if not isinstance(control_url, str) or not control_url:
             return
-        await self.request("POST", control_url, json={"type": "end-call"}, idempotent=True)  # ending twice is harmless
+        await self.request("POST", control_url, json={"type": "end-call"}, idempotent=True,  # ending twice is harmless
+                           headers=self._control_headers)
 
     # --- assistants and numbers -----------------------------------------------------------------
     async def list_assistants(self) -> list[dict]:

@@ -30,5 +30,6 @@ def build_app(settings: Settings, **options: Any) -> Starlette:
     store, cluster = open_state(settings.store_url, prefix=settings.redis_prefix)
     key = settings.vapi_api_key.reveal() if settings.vapi_api_key else ""
     # one connection pool for every setup in flight, and a few more for ending calls meanwhile
-    vapi = VapiClient(settings.vapi_base_url, key, max_connections=settings.setup_concurrency + 32)
+    vapi = VapiClient(settings.vapi_base_url, key, max_connections=settings.setup_concurrency + 32,
+                      control_key=settings.vapi_public_key.reveal() if settings.vapi_public_key else None)
     return create_app(settings, store, cluster, vapi, **options)

@@ -1,12 +1,17 @@
-"""HTTP edge helpers: bounded body reads, the one JSON error shape, Twilio signature checks with a
-diagnosis of URL mismatches (the most common failure behind tunnels and proxies)."""
+"""HTTP edge helpers: bounded body reads (size and time), one bounded JSON parse, the one JSON error
+shape, Twilio signature checks with a diagnosis of URL mismatches (the most common failure behind
+tunnels and proxies)."""
 
 from __future__ import annotations
 
+import asyncio
+import json
 import logging
+import math
+from typing import Any
 
 from starlette.datastructures import URL
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 
 from .. import signing
@@ -16,6 +21,9 @@ from ..twilio_media import ws_url
 log = logging.getLogger("twivapi.bridge")
 
 MAX_BODY = 1024 * 1024  # 1 MiB: no legitimate webhook comes close
+# Vapi's deepest messages (a call's assistant with tool schemas) nest about 15 levels; past this a body
+# is refused before anything walks it (json.dumps in the event log, the tools, Redis queues).
+MAX_JSON_DEPTH = 64
 
 
 class HttpError(Exception):
@@ -27,24 +35,93 @@ class HttpError(Exception):
 
 
 def error_response(status: int, code: str, message: str) -> JSONResponse:
-    """The one error shape every route answers with: {"error": {"code", "message"}}."""
-    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status)
+    """The one error shape every route answers with: {"error": {"code", "message"}}. A 408 also
+    closes the connection: what is left of that request's body may still be on its way."""
+    headers = {"connection": "close"} if status == 408 else None
+    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status, headers=headers)
 
 
-async def read_body(request: Request, limit: int = MAX_BODY) -> bytes:
+async def read_body(request: Request, limit: int = MAX_BODY, timeout: float | None = None) -> bytes:
+    """The whole body, at most ``limit`` bytes (413), within ``timeout`` seconds (408; default:
+    the bridge's ``TWIVAPI_BODY_TIMEOUT``), so a client that stalls mid-body holds nothing for long."""
     declared = request.headers.get("content-length")
     if declared is not None:
-        if not declared.isdigit():
+        if not (declared.isascii() and declared.isdigit()):   # "²".isdigit(), but int("²") raises
             raise HttpError(400, "bad_request", "Content-Length is not a number")
         if int(declared) > limit:
             raise HttpError(413, "body_too_large", f"body over {limit} bytes")
+    if timeout is None:
+        timeout = request.app.state.deps.settings.body_timeout
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise HttpError(413, "body_too_large", f"body over {limit} bytes")
-        chunks.append(chunk)
+    try:
+        async with asyncio.timeout(timeout):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise HttpError(413, "body_too_large", f"body over {limit} bytes")
+                chunks.append(chunk)
+    except TimeoutError:
+        log.warning("408 %s: the body did not arrive within %g s (TWIVAPI_BODY_TIMEOUT)", request.url.path, timeout)
+        raise HttpError(408, "body_timeout", f"the request body did not arrive within {timeout:g} s") from None
+    except ClientDisconnect:
+        raise HttpError(400, "incomplete_body", "the client closed the connection before the body was complete") from None
     return b"".join(chunks)
+
+
+class _OutOfRange(ValueError):
+    pass
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if math.isinf(value):
+        raise _OutOfRange(text)
+    return value
+
+
+def _no_constant(name: str) -> Any:   # NaN, Infinity, -Infinity: Python's extension, not JSON
+    raise _OutOfRange(name)
+
+
+def _deeper_than(value: dict | list, limit: int) -> bool:
+    """Whether ``value`` nests objects/arrays more than ``limit`` levels (itself is level 1): level by
+    level, without recursion; json.loads gives exact dicts and lists."""
+    level: list = [value]
+    for _ in range(limit):
+        below = []
+        for node in level:
+            for child in (node.values() if type(node) is dict else node):
+                if type(child) is dict or type(child) is list:
+                    below.append(child)
+        if not below:
+            return False
+        level = below
+    return True
+
+
+def parse_json_object(body: bytes, *, not_object: tuple[str, str] = ("malformed_json", "JSON body must be an object"),
+                      max_depth: int = MAX_JSON_DEPTH) -> dict:
+    """The one parse of a JSON request body: an object (else a 400 with ``not_object``'s code and
+    message), nested at most ``max_depth`` levels, numbers within range; any other body is a 400
+    in the one error shape, so nothing after it sees a structure it cannot handle."""
+    try:
+        data = json.loads(body, parse_float=_finite, parse_constant=_no_constant)
+    except RecursionError:   # deeper than json's own recursion allows
+        raise HttpError(400, "json_too_deep", f"JSON nested deeper than {max_depth} levels") from None
+    except _OutOfRange:
+        raise HttpError(400, "json_out_of_range", "JSON number out of range (NaN, Infinity or beyond 1e308)") from None
+    except json.JSONDecodeError:
+        raise HttpError(400, "malformed_json", "body is not valid JSON") from None
+    except UnicodeDecodeError:
+        raise HttpError(400, "malformed_json", "body is not valid UTF-8 JSON") from None
+    except ValueError:   # an integer past Python's 4,300-digit conversion limit
+        raise HttpError(400, "json_out_of_range", "JSON number too long") from None
+    if not isinstance(data, dict):
+        raise HttpError(400, *not_object)
+    # a body can only nest as deep as it has brackets: most never need the walk
+    if body.count(b"[") + body.count(b"{") > max_depth and _deeper_than(data, max_depth):
+        raise HttpError(400, "json_too_deep", f"JSON nested deeper than {max_depth} levels")
+    return data
 
 
 def public_url_for(settings: Settings, url: URL, *, websocket: bool = False) -> str:
@@ -79,9 +156,11 @@ def check_twilio_signature(settings: Settings, request: Request, params: signing
     url = url or public_url_for(settings, request.url)
     signature = request.headers.get(signing.TWILIO_SIGNATURE_HEADER)
     json_body = body if params is None else None
-    if signing.verify_twilio(token, url, params, signature, json_body):
+    if signature and not signature.isascii():   # Twilio's is base64: refused before any comparison
+        reason = "X-Twilio-Signature is not ASCII (Twilio sends base64)"
+    elif signing.verify_twilio(token, url, params, signature, json_body):
         return
-    if not signature:
+    elif not signature:
         reason = "missing X-Twilio-Signature header"
     else:
         path_qs = request.url.path + (f"?{request.url.query}" if request.url.query else "")

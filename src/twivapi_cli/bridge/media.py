@@ -11,10 +11,12 @@ wait in a bounded buffer, 10 s of audio; past it the oldest frame is dropped and
 
 Vapi -> caller: ``outbound.py`` (framing, queue, pacing, marks); Vapi's socket: ``vapi_leg.py``.
 
-Barge-in: on ``user-interrupted`` or ``speech-update`` (role user, started), from the transport or
-from /vapi/webhook, whichever comes first, the outbound queue is dropped, Twilio gets ``clear`` and
-the generation moves on. A second signal for the same interruption (the other channel) finds
-nothing to clear.
+Barge-in: on ``user-interrupted``, from the transport or from /vapi/webhook, whichever comes first,
+the outbound queue is dropped, Twilio gets ``clear`` and the generation moves on. A second signal for
+the same interruption (the other channel) finds nothing to clear. Vapi decides what interrupts
+(``stopSpeakingPlan``): a backchannel ("uh-huh") is a ``speech-update`` without ``user-interrupted``
+and the assistant talks on, so clearing on the caller's ``speech-update`` ``started`` too is an
+opt-in (``TWIVAPI_BARGE_IN=speech``).
 """
 
 from __future__ import annotations
@@ -27,13 +29,13 @@ import time
 from starlette.routing import WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from .. import signing, twilio_media
+from .. import twilio_media
 from ..audio import transcoders
 from ..config import revealed
 from ..errors import StoreError
 from ..models import EventType, SignalKind, Trigger
+from . import stream_auth
 from .deps import Deps, deps
-from .http import public_url_for
 from .outbound import Outbound
 from .vapi_leg import VAPI_CONNECT_TIMEOUT, VapiLeg, control_event
 
@@ -57,7 +59,6 @@ async def media_stream(websocket: WebSocket) -> None:
     bridge = deps(websocket)
     if not _handshake_ok(bridge, websocket):
         bridge.recorder.count("media.handshake_refused")
-        log.warning("403 /twilio/media: X-Twilio-Signature missing or invalid for the wss:// URL")
         await websocket.close(code=1008)
         return
     await websocket.accept()
@@ -65,11 +66,9 @@ async def media_stream(websocket: WebSocket) -> None:
 
 
 def _handshake_ok(bridge: Deps, websocket: WebSocket) -> bool:
-    url = public_url_for(bridge.settings, websocket.url, websocket=True)
-    signature = websocket.headers.get(signing.TWILIO_SIGNATURE_HEADER)
-    token = revealed(bridge.settings.twilio_auth_token)
-    # Twilio's docs: try the URL with a trailing slash as well
-    return any(signing.verify_twilio(token, candidate, {}, signature) for candidate in (url, url.rstrip("/") + "/"))
+    """The upgrade's X-Twilio-Signature: checked and logged when present, required only with
+    TWIVAPI_MEDIA_SIGNATURE=required; the stream is authenticated by its start token (on_start)."""
+    return stream_auth.upgrade_allowed(bridge, websocket)
 
 
 class MediaCall:
@@ -160,10 +159,9 @@ class MediaCall:
     async def on_start(self, start: twilio_media.Start) -> None:
         if self.state is not StreamState.AWAITING_START:
             return await self.bad("second start")
-        session = await self.store.get_session(start.call_sid)
-        if session is None or session.state.terminal:
-            await self.recorder.record(EventType.MEDIA_REFUSED, start.call_sid, reason="no live session for this call")
-            return await self.refuse("no-session", 1008)
+        refused = await stream_auth.start_refusal(self.bridge, start)   # its token, its session, one per call
+        if refused is not None:
+            return await self.refuse(refused, 1008)
         self.call_sid, self.stream_sid = start.call_sid, start.stream_sid
         self.outbound.stream_sid, self.vapi.call_sid = start.stream_sid, start.call_sid
         self.state = StreamState.WAITING_VAPI
@@ -206,7 +204,7 @@ class MediaCall:
 
     async def on_vapi_control(self, text: str) -> None:
         event, detail = control_event(text) or ("", None)
-        if event == "interrupt":
+        if event == "interrupt" or (event == "caller-started" and self.bridge.settings.barge_in == "speech"):
             await self.interrupt(time.monotonic(), source="transport")
         elif event == "caller-stopped":
             self.outbound.speech_ended_at = time.monotonic()
@@ -252,8 +250,9 @@ class MediaCall:
 
     # --- the end, once --------------------------------------------------------------------------
     async def finish(self, reason: str) -> None:
-        if self.state is StreamState.CLOSED:
+        if self.state is StreamState.CLOSED or self.outbound.playing_out(reason):
             return
+        await self.outbound.play_out(reason, lambda: self.twilio_gone)   # Vapi ended it: the rest is still heard
         self.state, self.end_reason = StreamState.CLOSED, reason
         if self.call_sid:
             self.bridge.signals.unlisten(self.call_sid, self.on_signal)

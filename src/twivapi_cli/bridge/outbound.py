@@ -28,6 +28,8 @@ MULAW_SILENCE = b"\xff"
 LEAD_MS = 120                    # most assistant audio Twilio may hold unplayed
 STALE_AUDIO_GAP = 0.3            # after barge-in, Vapi audio this long after the last frame is a new turn
 MARK_EVERY = 5                   # a mark per 100 ms of audio: playback position to 100 ms, half the messages
+PLAY_OUT_S = 1.5                 # at most this long, when a call ends, for what is queued to reach the caller
+TWILIO_ENDS = "twilio-"          # end reasons meaning the caller's side is gone: nothing left to play to
 
 SendText = Callable[[str], Awaitable[None]]
 
@@ -40,6 +42,9 @@ class Converter(Protocol):
 
 class Outbound:
     """One call's assistant audio: ``push`` chunks in, ``pace`` sends them to Twilio."""
+
+    _playing_out = False   # an end is waiting for the queued audio to be played (``play_out``)
+    _caller_left = False   # ... and the caller's side went away meanwhile: stop waiting
 
     def __init__(self, converter: Converter, send: SendText):
         self.converter, self.send = converter, send   # converter: Vapi's format -> mu-law (audio.py)
@@ -136,3 +141,32 @@ class Outbound:
         if self.speech_ended_at is not None and self.on_first_audio is not None:
             ended, self.speech_ended_at = self.speech_ended_at, None
             await self.on_first_audio(ended)
+
+    # --- the end: what is queued is still heard -----------------------------------------------------
+    def playing_out(self, reason: str) -> bool:
+        """Whether an end is already playing out the queue; an end of Twilio's (the caller left)
+        stops that wait, since nobody is listening any more."""
+        if self._playing_out and reason.startswith(TWILIO_ENDS):
+            self._caller_left = True
+        return self._playing_out
+
+    async def play_out(self, reason: str, gone: Callable[[], bool], timeout: float = PLAY_OUT_S) -> bool:
+        """Before a call ends for ``reason``: unless Twilio ended it, let the pacer send what is queued
+        now (the end of a goodbye Vapi sent before ending the call) and wait until Twilio's echoed
+        marks say it was played, at most ``timeout`` seconds, or until ``gone()`` (Twilio's socket
+        closed), a barge-in or an end of Twilio's. Audio arriving meanwhile is not waited for. True
+        when everything queued was played."""
+        if reason.startswith(TWILIO_ENDS):
+            return False
+        self.end_of_utterance()   # the last partial frame too, padded
+        generation, target = self.generation, self.sent_ms + FRAME_MS * len(self.queue)
+        if self.played_ms >= target:
+            return True
+        self._playing_out = True
+        deadline = time.monotonic() + timeout
+
+        def waiting() -> bool:
+            return self.generation == generation and self.played_ms < target
+        while waiting() and not (gone() or self._caller_left) and time.monotonic() < deadline:
+            await asyncio.sleep(FRAME_MS / 1000)
+        return self.generation == generation and self.played_ms >= target

@@ -19,6 +19,7 @@ from urllib.parse import parse_qsl
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..fixtures import TWILIO_WEBHOOKS
+from .vapi_hooks import call_ids
 
 SECRET_FIELD = re.compile(r"token|secret|signature|password|api_?key|authorization", re.I)
 ROUTES = {path: kind for kind, path in TWILIO_WEBHOOKS.items()}
@@ -71,9 +72,7 @@ class RecordWebhooks:
     def record(self, path: str, body: bytes, status: int | None) -> None:
         if path == "/vapi/webhook":
             message = json.loads(body).get("message") or {}
-            call = message.get("call") or {}
-            call_sid = call.get("phoneCallProviderId") or ((call.get("assistantOverrides") or {}).get("metadata")
-                                                           or {}).get("twilioCallSid")
+            call_sid, _ = call_ids(message)   # call.transport.callSid, phoneCallProviderId, our metadata
             if not call_sid:
                 return
             message = {k: v for k, v in message.items() if k not in ("phoneNumber", "assistant", "customer")}

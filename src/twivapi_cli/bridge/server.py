@@ -22,7 +22,7 @@ import uvicorn
 from starlette.types import ASGIApp
 
 from ..config import Settings, install_log_redaction
-from ..errors import TwivapiError
+from ..errors import ConfigError, TwivapiError
 from ..tail import BRIDGE_FILE
 
 if TYPE_CHECKING:
@@ -76,6 +76,29 @@ def startup_lines(settings: Settings, public_address: str, admin_url: str, bridg
         f"  admin (loopback only): {admin_url}, token in {bridge_file}",
         "  watch it: twivapi tail",
     ]
+
+
+def check_public_url(settings: Settings, *, allow_ws: bool = False) -> list[str]:
+    """`serve`'s start-up check of the URL Twilio is told to open the media stream at (stream mode):
+    ConfigError (exit 2) when it cannot work, which is a public URL that is not https:// (the stream
+    URL would be ws://, which Twilio refuses) unless its host is loopback (the simulators) or
+    ``allow_ws`` (``--allow-ws``) says so; the warnings to print otherwise (a port other than 443)."""
+    from ..models import Mode
+    from ..twilio_media import stream_url_problems
+
+    if settings.mode != Mode.STREAM:
+        return []
+    base = settings.public_url or f"http://{settings.host}:{settings.port}"
+    error, warning = stream_url_problems(base)
+    if error and not allow_ws:
+        where = "TWIVAPI_PUBLIC_URL" if settings.public_url else "TWIVAPI_PUBLIC_URL is not set, and the bridge's address"
+        raise ConfigError(f"stream mode: {where} {error}",
+                          hint="set TWIVAPI_PUBLIC_URL (or --public-url) to the https:// URL Twilio reaches, e.g. "
+                               "your ngrok URL (or run `twivapi serve --tunnel`); --allow-ws if a ws:// stream URL "
+                               "is really meant (simulators on another host)")
+    if error:
+        return [f"TWIVAPI_PUBLIC_URL: {error} (allowed by --allow-ws)"]
+    return [f"TWIVAPI_PUBLIC_URL: {warning}"] if warning else []
 
 
 def _config(app: ASGIApp, host: str, port: int, log_level: str, keepalive: float = KEEPALIVE_S) -> uvicorn.Config:

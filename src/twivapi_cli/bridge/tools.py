@@ -48,7 +48,7 @@ def _arguments(raw: Any) -> dict:
     if isinstance(raw, str):
         try:
             raw = json.loads(raw) if raw.strip() else {}
-        except ValueError:
+        except (ValueError, RecursionError):   # RecursionError: a string of thousands of brackets
             return {}
     return raw if isinstance(raw, dict) else {}
 

@@ -13,12 +13,13 @@ from starlette.requests import Request
 from starlette.responses import Response
 from twilio.twiml.voice_response import VoiceResponse
 
+from ..config import revealed
 from ..errors import TwivapiError
 from ..models import TERMINAL_TWILIO_STATUSES, CallState, EventType, Mode, Session, Trigger
-from ..signing import Params
+from ..signing import STREAM_TOKEN_PARAM, Params, stream_token
 from ..twilio_media import ws_url
 from .deps import deps
-from .http import HttpError, check_twilio_signature, parse_twilio_form, read_body, twiml
+from .http import HttpError, check_twilio_signature, parse_json_object, parse_twilio_form, read_body, twiml
 
 CALL_SID = re.compile(r"CA[0-9a-zA-Z]{32}")
 IDEMPOTENCY_TTL = 24 * 3600.0
@@ -33,12 +34,7 @@ async def signed_params(request: Request) -> Params:
     params = parse_twilio_form(body, request.headers.get("content-type", ""))
     check_twilio_signature(deps(request).settings, request, params, body)
     if params is None:  # JSON body, already authenticated through bodySHA256
-        try:
-            data = json.loads(body)
-        except (ValueError, UnicodeDecodeError):
-            raise HttpError(400, "malformed_json", "body is not valid JSON") from None
-        if not isinstance(data, dict):
-            raise HttpError(400, "malformed_json", "JSON body must be an object")
+        data = parse_json_object(body)
         params = Params({k: [v if isinstance(v, str) else json.dumps(v)] for k, v in data.items()})
     return params
 
@@ -59,12 +55,16 @@ def fallback_twiml() -> str:
     return str(response)
 
 
-def stream_twiml(public_url: str, call_sid: str) -> str:
+def stream_twiml(public_url: str, call_sid: str, auth_token: str) -> str:
+    """<Connect><Stream> to our media route, with the call's ``<Parameter>`` elements: its CallSid and
+    the per-call token (``signing.stream_token``) that authenticates the stream when Twilio hands
+    it back in ``start.customParameters`` (an answer to a signed webhook: only Twilio has it)."""
     base = public_url.rstrip("/")
     response = VoiceResponse()
     connect = response.connect(action=f"{base}/twilio/after-stream", method="POST")
     stream = connect.stream(url=f"{ws_url(base)}/twilio/media")
     stream.parameter(name="callSid", value=call_sid)
+    stream.parameter(name=STREAM_TOKEN_PARAM, value=stream_token(auth_token, call_sid))
     return str(response)
 
 
@@ -131,7 +131,8 @@ async def _stream(request: Request, call_sid: str, created: bool) -> str:
     if existing and existing.state == CallState.FAILED:
         return fallback_twiml()
     settings = bridge.settings
-    return stream_twiml(settings.public_url or f"http://{settings.host}:{settings.port}", call_sid)
+    return stream_twiml(settings.public_url or f"http://{settings.host}:{settings.port}", call_sid,
+                        revealed(settings.twilio_auth_token))
 
 
 async def _bypass(request: Request, call_sid: str, session: Session, created: bool) -> str:

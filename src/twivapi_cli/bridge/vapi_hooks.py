@@ -8,8 +8,8 @@ it does (the seed's race), within bounds.
 
 from __future__ import annotations
 
+import functools
 import hashlib
-import json
 import logging
 import time
 from typing import Any
@@ -18,13 +18,13 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from .. import signing
-from ..config import revealed
+from ..config import Settings, revealed
 from ..models import EventType, Session, SignalKind, Trigger
 from ..store import Store
 from .calls import Calls
 from .deps import Deps, deps
 from .events import Recorder
-from .http import HttpError, read_body
+from .http import HttpError, parse_json_object, public_url_for, read_body
 from .signals import Signals
 
 log = logging.getLogger("twivapi.bridge")
@@ -43,29 +43,41 @@ KNOWN_TYPES = frozenset({
 
 
 def parse_message(body: bytes) -> dict:
-    try:
-        data = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
-        raise HttpError(400, "malformed_json", "body is not valid JSON") from None
-    message = data.get("message") if isinstance(data, dict) else None
+    data = parse_json_object(body, not_object=("invalid_envelope", 'expected {"message": {"type": ...}}'))
+    message = data.get("message")
     if not isinstance(message, dict) or not isinstance(message.get("type"), str):
         raise HttpError(400, "invalid_envelope", 'expected {"message": {"type": ...}}')
-    if message["type"] not in KNOWN_TYPES:
-        raise HttpError(400, "unknown_message_type", f"unknown message type {message['type'][:60]!r}")
+    # a type not in KNOWN_TYPES is no error: Vapi adds types over time (webhook() answers it {})
     if message.get("call") is not None and not isinstance(message["call"], dict):
         raise HttpError(400, "invalid_field", "message.call must be an object")
     return message
 
 
+@functools.lru_cache(maxsize=16)
+def hmac_plan(settings: Settings) -> signing.HmacPlan:
+    """The HMAC credential Vapi signs with (``HMACAuthenticationPlan``), from the VAPI_HMAC_* settings."""
+    return signing.HmacPlan(
+        algorithm=settings.vapi_hmac_algorithm, signature_header=settings.vapi_hmac_signature_header,
+        timestamp_header=settings.vapi_hmac_timestamp_header, signature_prefix=settings.vapi_hmac_signature_prefix or "",
+        include_timestamp=settings.vapi_hmac_include_timestamp, payload_format=settings.vapi_hmac_payload_format or "",
+        message_id_header=settings.vapi_hmac_message_id_header or "", signature_encoding=settings.vapi_hmac_encoding,
+        secret_is_base64=settings.vapi_hmac_secret_is_base64)
+
+
 def call_ids(message: dict) -> tuple[str | None, str | None]:
-    """(Twilio CallSid, Vapi call id). The CallSid is call.phoneCallProviderId, or the metadata we
-    set in assistantOverrides on POST /call (WebSocket-transport calls have no provider id)."""
-    call = message.get("call") or {}
+    """(Twilio CallSid, Vapi call id). The CallSid is, first, ``call.transport.callSid`` (a
+    ``TwilioTransport``: where Vapi puts it now), then the deprecated ``call.phoneCallProviderId``,
+    then the metadata we set in assistantOverrides on POST /call (WebSocket-transport calls have
+    neither). Only non-empty strings count."""
+    call = _object(message.get("call"))
+    transport = _object(call.get("transport"))
     overrides = _object(call.get("assistantOverrides"))
     metadata = _object(overrides.get("metadata")) or _object(call.get("metadata"))
-    call_sid = call.get("phoneCallProviderId") or metadata.get("twilioCallSid")
+    candidates = (transport.get("callSid") if transport.get("provider") == "twilio" else None,
+                  call.get("phoneCallProviderId"), metadata.get("twilioCallSid"))
+    call_sid = next((c for c in candidates if isinstance(c, str) and c), None)
     vapi_id = call.get("id")
-    return (str(call_sid) if call_sid else None, str(vapi_id) if vapi_id else None)
+    return (call_sid, str(vapi_id) if vapi_id else None)
 
 
 def _object(value: Any) -> dict[str, Any]:
@@ -81,15 +93,20 @@ async def webhook(request: Request) -> Response:
     received = time.time()
     app = deps(request)
     body = await read_body(request)
-    ok, how = signing.verify_vapi(revealed(app.settings.vapi_webhook_secret), request.headers, body)
+    settings = app.settings
+    plan = hmac_plan(settings)
+    url = public_url_for(settings, request.url) if "{url}" in plan.format else ""   # what Vapi signed, if asked
+    ok, how = signing.verify_vapi(revealed(settings.vapi_webhook_secret), request.headers, body, plan=plan, url=url)
     if not ok:
         log.warning("403 /vapi/webhook: %s", how)
         raise HttpError(403, "bad_signature", "Vapi webhook credential is missing or invalid")
     message = parse_message(body)
     kind = message["type"]
     call_sid, vapi_id = call_ids(message)
+    if kind not in KNOWN_TYPES:
+        return await _unknown_type(app, kind, call_sid, vapi_id, received)
     first: bool | None = None   # first delivery of this body? asked once, when it matters
-    if _is_barge_in(message):   # urgent: stale audio must stop now, not after the call's queue
+    if _is_barge_in(message, app.settings.barge_in):   # urgent: stale audio must stop now, not after the queue
         first = await _first_delivery(app.store, body)
         if first:
             await _interrupt_now(app, message, call_sid, vapi_id, received)
@@ -111,9 +128,35 @@ async def webhook(request: Request) -> Response:
     return JSONResponse(reply)
 
 
-def _is_barge_in(message: dict) -> bool:
-    return message["type"] == "user-interrupted" or (
-        message["type"] == "speech-update" and message.get("role") == "user" and message.get("status") == "started")
+_unknown_logged: set[str] = set()   # the unknown types this process has logged (once each)
+UNKNOWN_LOGGED_MAX = 256             # past this many distinct types, counted but no longer logged
+
+
+async def _unknown_type(app: Deps, kind: str, call_sid: str | None, vapi_id: str | None,
+                        received: float) -> Response:
+    """A message type this bridge does not know (Vapi adds types over time): 200 ``{}``, never a 400,
+    which Vapi would log as an error and retry. Counted (``vapi.unknown_type``), recorded, and
+    logged once per type per process."""
+    app.recorder.count("vapi.unknown_type")
+    if kind not in _unknown_logged and len(_unknown_logged) < UNKNOWN_LOGGED_MAX:
+        _unknown_logged.add(kind)
+        log.info("/vapi/webhook: message type %r is new to this bridge: answered {} and not applied "
+                 "(logged once per type)", kind[:60])
+    event = await app.recorder.record(EventType.VAPI_UNKNOWN_TYPE, call_sid, received_at=received,
+                                      vapi_call_id=vapi_id, type=kind[:60])
+    await app.recorder.mark(event, acked=True, processed=True)
+    return JSONResponse({})
+
+
+def _is_barge_in(message: dict, barge_in: str = "interrupted") -> bool:
+    """``user-interrupted``: Vapi decided the caller interrupts the assistant. The caller's
+    ``speech-update`` ``started`` only with ``TWIVAPI_BARGE_IN=speech``: Vapi reports speech it does
+    not treat as an interruption too (``stopSpeakingPlan.numWords``, "okay", "uh-huh"), and the
+    assistant keeps talking through it."""
+    if message["type"] == "user-interrupted":
+        return True
+    return (barge_in == "speech" and message["type"] == "speech-update" and message.get("role") == "user"
+            and message.get("status") == "started")
 
 
 async def _interrupt_now(app: Deps, message: dict, call_sid: str | None, vapi_id: str | None,
@@ -147,13 +190,31 @@ async def _answer(app: Deps, kind: str, message: dict) -> dict | None:
                 "name": call.get("name", ""), "arguments": call.get("parameters", {})}})
             return {"result": result.get("result", result.get("error"))}
         return await app.tools.run(message)
+    # the other request types, each answered as its ServerMessageResponse* schema asks
     if kind == "transfer-destination-request":
         return {"error": "No transfer destination is configured on this bridge."}
-    if kind in ("handoff-destination-request", "knowledge-base-request", "call.endpointing.request"):
-        return {}
+    if kind == "handoff-destination-request":   # `destination` is required; with `error` no handoff is made
+        return {"destination": {}, "error": "No handoff destination is configured on this bridge."}
+    if kind == "knowledge-base-request":         # no documents: the model answers on its own
+        return {"documents": []}
+    if kind == "call.endpointing.request":       # `timeoutSeconds` (0-15) is required
+        return {"timeoutSeconds": _endpointing_timeout(message)}
     if kind == "campaign.predial":
         return {"eligible": True}
     return None
+
+
+DEFAULT_ENDPOINTING_S = 0.4   # startSpeakingPlan.waitSeconds' default
+
+
+def _endpointing_timeout(message: dict) -> float:
+    """The assistant's own ``startSpeakingPlan.waitSeconds`` when the message carries it, else
+    Vapi's default; within the schema's 0-15 s."""
+    plan = _object(_object(message.get("assistant")).get("startSpeakingPlan"))
+    wait = plan.get("waitSeconds")
+    if isinstance(wait, (int, float)) and not isinstance(wait, bool) and wait == wait:
+        return float(min(15.0, max(0.0, wait)))
+    return DEFAULT_ENDPOINTING_S
 
 
 async def _dispatch(app: Deps, message: dict, call_sid: str | None, vapi_id: str | None, event: Any) -> None:
@@ -209,7 +270,7 @@ class MessageProcessor:
             await self.recorder.record(EventType.VAPI_REPORT, sid, ended_reason=message.get("endedReason"),
                                        turn_latency_avg=metrics.get("turnLatencyAverage"))
             await self.calls.end(sid, str(message.get("endedReason") or "end-of-call-report"))
-        elif _is_barge_in(message):
+        elif kind == "user-interrupted":
             pass   # signalled on arrival (_interrupt_now)
         elif kind == "speech-update":
             await self.signals.send(sid, SignalKind.SPEECH, {

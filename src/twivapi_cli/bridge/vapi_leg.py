@@ -103,15 +103,20 @@ class VapiLeg:
 
 def control_event(text: str) -> tuple[str, str | None] | None:
     """What one of Vapi's control messages on the transport means for the media stream:
-    ``("interrupt" | "caller-stopped" | "assistant-started" | "assistant-stopped" | "ended", detail)``,
-    or None for anything else (unknown types, bad JSON)."""
+    ``("interrupt" | "caller-started" | "caller-stopped" | "assistant-started" | "assistant-stopped"
+    | "ended", detail)``, or None for anything else (unknown types, bad JSON).
+
+    Only ``user-interrupted`` is an ``interrupt``: Vapi decides what interrupts the assistant
+    (``stopSpeakingPlan``: ``numWords``, ``voiceSeconds``, acknowledgement phrases such as "okay"),
+    and reports speech it does not treat as one as a plain ``speech-update`` (``caller-started``);
+    clearing on that too is the media stream's opt-in (``TWIVAPI_BARGE_IN=speech``)."""
     try:
         message = json.loads(text)
         kind = message.get("type")
     except (ValueError, AttributeError, RecursionError):
         return None
     role, status = message.get("role"), message.get("status")
-    if kind == "user-interrupted" or (kind == "speech-update" and role == "user" and status == "started"):
+    if kind == "user-interrupted":
         return "interrupt", None
     if kind == "speech-update" and status in ("started", "stopped") and role in ("user", "assistant"):
         return ("caller" if role == "user" else "assistant") + "-" + status, None

@@ -23,7 +23,8 @@ def register(app: typer.Typer) -> None:
             paths = fx.expand(files)
             for path in paths:
                 fixture = fx.load(path)
-                typer.echo(f"ok  {path}  ({fixture.name}, {len(fixture.steps)} steps)")
+                needs = fx.describe_requirements(fixture)
+                typer.echo(f"ok  {path}  ({fixture.name}, {len(fixture.steps)} steps" + (f"; {needs})" if needs else ")"))
 
     @group.command("schema")
     def schema():

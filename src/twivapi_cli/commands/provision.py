@@ -44,11 +44,17 @@ def register(app: typer.Typer) -> None:
                 accounts = lib.Accounts(settings)
                 try:
                     the_plan = await lib.plan(accounts, options, state)
-                    if as_json and dry_run:
+                    if dry_run:
+                        planned = lib.remember_plan(state, the_plan)
+                        if not as_json:
+                            stderr_console().print(plan_table(the_plan))
+                            if planned:
+                                stderr_console().print(
+                                    f"[dim]{planned} is what the search offers now; `twivapi provision` with the "
+                                    "same --country and --area-code buys it if it is still offered, or says it is "
+                                    "gone and shows the number it buys instead[/dim]")
                         return the_plan, None
                     stderr_console().print(plan_table(the_plan))
-                    if dry_run:
-                        return the_plan, None
                     if not yes and not typer.confirm("Go ahead?" + (" This buys a number." if the_plan.buys else ""),
                                                      err=True):
                         raise typer.Exit(1)
@@ -61,8 +67,9 @@ def register(app: typer.Typer) -> None:
 
             the_plan, result = asyncio.run(run())
             if as_json:
+                buy = next((a for a in the_plan.actions if a.key == "number.buy"), None)
                 typer.echo(json.dumps({"dry_run": dry_run, "plan": [a.description for a in the_plan.actions],
-                                       "state": result}, indent=2))
+                                       "buys": buy.data["phone_number"] if buy else None, "state": result}, indent=2))
             elif result is not None:
                 stdout_console().print(f"[green]done[/green]: state in {state.path}")
 
@@ -83,6 +90,10 @@ def register(app: typer.Typer) -> None:
             state = lib.State.load(settings.state_dir)
             if not state.data:
                 typer.echo(f"nothing to tear down ({state.path} not found)", err=True)
+                return
+            if {k for k, v in state.data.items() if v} <= {lib.PLANNED}:   # only a dry run's plan: nothing done
+                state.path.unlink(missing_ok=True)
+                typer.echo("nothing to tear down (only a dry run's plan, now forgotten)", err=True)
                 return
             bought = (state.data.get("number") or {}).get("bought")
             release = bought and not keep_number

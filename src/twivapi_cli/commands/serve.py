@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -24,36 +25,66 @@ def register(app: typer.Typer) -> None:
         tunnel: bool = typer.Option(False, "--tunnel", help="Expose the bridge through ngrok (NGROK_AUTHTOKEN) and "
                                                             "point the provisioned number/assistant at it for "
                                                             "the session."),
+        yes: bool = typer.Option(False, "--yes", "-y", help="With --tunnel: when ngrok is not installed, download "
+                                                           "it with pyngrok without asking "
+                                                           "[TWIVAPI_NGROK_INSTALL]."),
+        allow_ws: bool = typer.Option(False, "--allow-ws", help="Stream mode: start even though the public URL is "
+                                                                "not https:// (its stream URL is ws://, which Twilio "
+                                                                "refuses; loopback hosts need no flag)."),
         log_level: str = typer.Option("info", "--log-level", help="uvicorn/twivapi log level."),
         env_file: Path = ENV_FILE_OPTION,
     ):
         """Run the bridge: Twilio voice/status webhooks, Vapi server messages, the media stream."""
         settings = load({"host": host, "port": port, "public_url": public_url, "mode": mode, "store": store,
-                         "audio_format": audio_format}, env_file)
+                         "audio_format": audio_format, "ngrok_install": True if yes else None}, env_file)
         with errors_to_exit():
             from ..bridge.server import serve_forever
 
             announce = lambda line: typer.echo(line, err=True)  # noqa: E731
             if not tunnel:
+                _check_public_url(settings, allow_ws, announce)
                 serve_forever(settings, log_level=log_level, announce=announce)
                 return
-            _serve_tunneled(settings, log_level, announce)
+            _serve_tunneled(settings, log_level, announce, allow_ws)
 
 
-def _serve_tunneled(settings, log_level: str, announce) -> None:
+def _check_public_url(settings, allow_ws: bool, announce) -> None:
+    """Stop at once (exit 2) when Twilio could not open the stream URL; print what is only a warning."""
+    from ..bridge.server import check_public_url
+
+    for warning in check_public_url(settings, allow_ws=allow_ws):
+        announce(f"twivapi: warning: {warning}")
+
+
+def _on_a_terminal() -> bool:
+    """Whether to ask before downloading ngrok (the tests replace it: CliRunner's stdin is no TTY)."""
+    try:
+        return sys.stdin is not None and sys.stdin.isatty()
+    except ValueError:   # a closed stdin
+        return False
+
+
+def _ask(question: str) -> bool:
+    return typer.confirm(question, default=True, err=True)
+
+
+def _serve_tunneled(settings, log_level: str, announce, allow_ws: bool = False) -> None:
     import asyncio
 
     from ..bridge.server import serve_forever
     from ..errors import UsageError
-    from ..tunnel import open_tunnel, restore_sync, rewire
+    from ..tunnel import ensure_ngrok, open_tunnel, require_authtoken, restore_sync, rewire
 
     if settings.port == 0:
         raise UsageError("--tunnel needs a fixed --port")
+    require_authtoken(settings)   # before offering a download that would be of no use yet
+    ngrok_path = ensure_ngrok(settings, ask=_ask if _on_a_terminal() else None, announce=announce)
     restore_sync(settings)   # a previous session that crashed: put things back first
-    tunnel = open_tunnel(settings, settings.port)
+    tunnel = open_tunnel(settings, settings.port, ngrok_path=ngrok_path)
     settings = settings.with_overrides(public_url=tunnel.public_url)
     announce(f"tunnel: {tunnel.public_url} -> http://{settings.host}:{settings.port}")
     try:
+        _check_public_url(settings, allow_ws, announce)   # ngrok's is https:// on 443: nothing to say
         if asyncio.run(rewire(settings, tunnel.public_url)):
             announce("the provisioned number and assistant point at the tunnel until this bridge stops")
         serve_forever(settings, log_level=log_level, announce=announce)

@@ -10,7 +10,7 @@ from ._common import ENV_FILE_OPTION, errors_to_exit, load
 
 DEFAULT_TWILIO_PORT = 4010
 DEFAULT_VAPI_PORT = 4020
-SECRETS = ("TWILIO_AUTH_TOKEN", "VAPI_API_KEY", "VAPI_WEBHOOK_SECRET")
+SECRETS = ("TWILIO_AUTH_TOKEN", "VAPI_API_KEY", "VAPI_WEBHOOK_SECRET", "VAPI_PUBLIC_KEY")
 
 
 def env_lines(env: dict[str, str], from_user: set[str]) -> list[str]:
@@ -48,7 +48,8 @@ def register(app: typer.Typer) -> None:
                               vapi_port=vapi_port, log_level=log_level)
             from_user = {name for name, attr in (("TWILIO_AUTH_TOKEN", "twilio_auth_token"),
                                                  ("VAPI_API_KEY", "vapi_api_key"),
-                                                 ("VAPI_WEBHOOK_SECRET", "vapi_webhook_secret"))
+                                                 ("VAPI_WEBHOOK_SECRET", "vapi_webhook_secret"),
+                                                 ("VAPI_PUBLIC_KEY", "vapi_public_key"))
                          if getattr(settings, attr)}
             for line in env_lines(sims.env(), from_user):
                 typer.echo(line)

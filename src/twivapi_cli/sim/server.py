@@ -46,7 +46,8 @@ class RunningSims:
         creds = self.state.credentials
         return {"TWILIO_API_BASE_URL": self.twilio_url, "VAPI_BASE_URL": self.vapi_url,
                 "TWILIO_ACCOUNT_SID": creds.account_sid, "TWILIO_AUTH_TOKEN": creds.auth_token,
-                "VAPI_API_KEY": creds.vapi_api_key, "VAPI_WEBHOOK_SECRET": self.state.vapi.webhook_secret or ""}
+                "VAPI_API_KEY": creds.vapi_api_key, "VAPI_WEBHOOK_SECRET": self.state.vapi.webhook_secret or "",
+                "VAPI_PUBLIC_KEY": creds.vapi_public_key}
 
     def twilio_client(self):
         """The real twilio SDK client, pointed at the Twilio simulator (reference §5.4, option A)."""

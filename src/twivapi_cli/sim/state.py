@@ -32,6 +32,7 @@ DEMO_ACCOUNT_SID = "AC" + "0" * 32                      # demo value: all zeros,
 DEMO_AUTH_TOKEN = "demo" + "0" * 28                     # demo value (32 chars, like a real token)
 DEMO_VAPI_API_KEY = "demo-vapi-key-00000000000000000000"  # demo value
 DEMO_WEBHOOK_SECRET = "demo-vapi-webhook-secret"        # demo value
+DEMO_VAPI_PUBLIC_KEY = "demo-vapi-public-key-0000000000000"  # demo value: the org's public key (control auth)
 
 TERMINAL = ("completed", "busy", "failed", "no-answer", "canceled")
 
@@ -52,23 +53,36 @@ def twilio_sid(prefix: str) -> str:
     return prefix + uuid.uuid4().hex
 
 
+def twilio_transport(account_sid: str | None, call_sid: str | None) -> dict[str, Any]:
+    """A phone call's ``TwilioTransport`` (the spec's ``Call.transport``): where Vapi puts the
+    CallSid now (``phoneCallProviderId`` is deprecated, still sent)."""
+    transport: dict[str, Any] = {"provider": "twilio", "conversationType": "voice"}
+    if account_sid:
+        transport["accountSid"] = account_sid
+    if call_sid:
+        transport["callSid"] = call_sid
+    return transport
+
+
 @dataclass(frozen=True)
 class SimCredentials:
     account_sid: str = DEMO_ACCOUNT_SID
     auth_token: str = DEMO_AUTH_TOKEN
     vapi_api_key: str = DEMO_VAPI_API_KEY
-    vapi_webhook_secret: str = DEMO_WEBHOOK_SECRET     # what simulated server-URL messages carry
+    vapi_webhook_secret: str = DEMO_WEBHOOK_SECRET     # printed as VAPI_WEBHOOK_SECRET (servers say how to sign)
+    vapi_public_key: str = DEMO_VAPI_PUBLIC_KEY        # the org's public key: control URLs with authentication
 
     @classmethod
     def from_settings(cls, settings: Any) -> SimCredentials:
-        """The user's TWILIO_ACCOUNT_SID, TWILIO_AUTH_TOKEN, VAPI_API_KEY, VAPI_WEBHOOK_SECRET when
-        set, demo values otherwise."""
+        """The user's TWILIO_ACCOUNT_SID, TWILIO_AUTH_TOKEN, VAPI_API_KEY, VAPI_WEBHOOK_SECRET,
+        VAPI_PUBLIC_KEY when set, demo values otherwise."""
         def reveal(value: Any) -> str | None:
             return value.reveal() if hasattr(value, "reveal") else value
         return cls(account_sid=settings.twilio_account_sid or DEMO_ACCOUNT_SID,
                    auth_token=reveal(settings.twilio_auth_token) or DEMO_AUTH_TOKEN,
                    vapi_api_key=reveal(settings.vapi_api_key) or DEMO_VAPI_API_KEY,
-                   vapi_webhook_secret=reveal(settings.vapi_webhook_secret) or DEMO_WEBHOOK_SECRET)
+                   vapi_webhook_secret=reveal(settings.vapi_webhook_secret) or DEMO_WEBHOOK_SECRET,
+                   vapi_public_key=reveal(getattr(settings, "vapi_public_key", None)) or DEMO_VAPI_PUBLIC_KEY)
 
 
 class Hub:
@@ -160,6 +174,10 @@ class SimCall:
 class TwilioState:
     def __init__(self, seed: int | None = None) -> None:
         self.numbers: dict[str, dict] = {}          # PN sid -> resource fields (Twilio JSON, no uri)
+        self.applications: dict[str, dict] = {}     # AP sid -> TwiML App fields (Twilio JSON, no uri)
+        # TK sid -> {"sid", "origination_url"}: Elastic SIP trunks live in another API (trunking.twilio.com),
+        # not simulated; a test adds one with add_trunk() and binds a number to it (TrunkSid)
+        self.trunks: dict[str, dict] = {}
         self.calls: dict[str, SimCall] = {}
         self.offered: set[str] = set()              # numbers a search returned: buyable
         self.on_call_created: list[Callable[[SimCall], Any]] = []
@@ -177,26 +195,52 @@ class TwilioState:
         candidate = f"+1{area_code}{self._random.randint(2000000, 9999999)}"
         return candidate
 
+    def add_trunk(self, origination_url: str | None = None) -> str:
+        """A SIP trunk whose calls go to ``origination_url``; returns its TK sid."""
+        trunk_sid = twilio_sid("TK")
+        self.trunks[trunk_sid] = {"sid": trunk_sid, "origination_url": origination_url}
+        return trunk_sid
+
+    def voice_route(self, number: dict) -> dict[str, Any]:
+        """Where Twilio sends a call to ``number``, as it does: to its SIP trunk when it has a
+        ``trunk_sid``, else to its TwiML App's voice URL when it has a ``voice_application_sid``,
+        else to its own ``voice_url``: a bound number never calls its voice URL. (``url``, ``method``,
+        ``status_callback``, ``status_callback_method``; an unknown app or trunk: no URL.)"""
+        if number.get("trunk_sid"):
+            trunk = self.trunks.get(number["trunk_sid"]) or {}
+            return {"url": trunk.get("origination_url"), "method": "POST", "status_callback": None,
+                    "status_callback_method": "POST"}
+        owner = number
+        if number.get("voice_application_sid"):
+            owner = self.applications.get(number["voice_application_sid"]) or {}
+        return {"url": owner.get("voice_url") or None, "method": owner.get("voice_method") or "POST",
+                "status_callback": owner.get("status_callback") or None,
+                "status_callback_method": owner.get("status_callback_method") or "POST"}
+
     def add_call(self, call: SimCall) -> SimCall:
         self.calls[call.sid] = call
         for fn in list(self.on_call_created):
             fn(call)
         return call
 
-    def start_inbound_call(self, to: str, from_: str, call_sid: str | None = None) -> SimCall:
+    def start_inbound_call(self, to: str, from_: str, call_sid: str | None = None,
+                           status_callback_events: list[str] | None = None) -> SimCall:
         """For the simulated caller: someone dials ``to``, one of this account's numbers.
 
-        The call carries the number's VoiceUrl/VoiceMethod/StatusCallback; raises KeyError if the
-        account does not own ``to``.
+        The call carries the VoiceUrl/VoiceMethod/StatusCallback of where Twilio routes it
+        (``voice_route``: the number's own, or its TwiML App's or SIP trunk's when it is bound to
+        one); raises KeyError if the account does not own ``to``. A number's status callback gets
+        the ``completed`` event only (``status_callback_events`` if the number asks for more).
         """
         number = self.number_by_phone(to)
         if number is None:
             raise KeyError(f"{to} is not a number of this account")
+        route = self.voice_route(number)
         call = SimCall(sid=call_sid or twilio_sid("CA"), account_sid=number["account_sid"], to=to, from_=from_,
-                       direction="inbound", status="ringing", url=number.get("voice_url"),
-                       method=number.get("voice_method") or "POST",
-                       status_callback=number.get("status_callback"),
-                       status_callback_method=number.get("status_callback_method") or "POST",
+                       direction="inbound", status="ringing", url=route["url"], method=route["method"],
+                       status_callback=route["status_callback"],
+                       status_callback_method=route["status_callback_method"],
+                       status_callback_events=list(status_callback_events or ["completed"]),
                        phone_number_sid=number["sid"])
         return self.add_call(call)
 
@@ -215,6 +259,7 @@ class VapiCall:
     assistant: dict | None = None             # the resolved assistant config (saved + overrides)
     server: dict | None = None                # where server messages go: {"url", "headers", ...}
     audio_format: dict | None = None          # what the transport socket carries
+    control_auth: bool = False                # monitorPlan.controlAuthenticationEnabled: control needs the public key
     hub: Hub = field(default_factory=Hub, repr=False)
 
     @property
@@ -250,10 +295,14 @@ class VapiState:
         self.assistants: dict[str, dict] = {}
         self.phone_numbers: dict[str, dict] = {}
         self.calls: dict[str, VapiCall] = {}
-        self.server: dict | None = None           # org-level server URL, used when no other is set
-        self.webhook_secret = webhook_secret      # what a server-URL poster signs with (set by SimState)
+        self.server: dict | None = None           # org-level server (url, headers, credentialId): the last resort
+        self.credentials: dict[str, dict] = {}    # POST /credential: custom credentials a server.credentialId names
+        # the secret `twivapi sim` prints as VAPI_WEBHOOK_SECRET (set by SimState); server messages are
+        # signed only as their server says (headers, credentialId), never with this by default
+        self.webhook_secret = webhook_secret
         self.on_call_created: list[Callable[[VapiCall], Any]] = []
         self.drivers: dict[str, Any] = {}          # call id -> the simulated assistant driving it
+        self.assistant_requests: list[tuple[dict, Any]] = []   # (assistant-request sent, (type, status, reply))
 
     def add_call(self, call: VapiCall) -> VapiCall:
         self.calls[call.id] = call
@@ -281,5 +330,7 @@ class SimState:
     def reset(self) -> None:
         """Forget every number, call, assistant and hook (running apps keep serving the same state)."""
         for table in (self.twilio.numbers, self.twilio.calls, self.twilio.offered, self.twilio.on_call_created,
-                      self.vapi.assistants, self.vapi.phone_numbers, self.vapi.calls, self.vapi.on_call_created):
+                      self.twilio.applications, self.twilio.trunks,
+                      self.vapi.assistants, self.vapi.phone_numbers, self.vapi.calls, self.vapi.on_call_created,
+                      self.vapi.credentials):
             table.clear()

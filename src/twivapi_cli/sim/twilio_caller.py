@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import math
 import time
 import uuid
 import xml.etree.ElementTree as ET
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,6 +28,7 @@ import websockets
 
 from .. import net, signing, twilio_media
 from ..twilio_media import Clear, Connected, Dtmf, Mark, Media, Start, Stop
+from .state import now, rfc2822
 
 FRAME = 160            # 20 ms of mu-law
 FRAME_S = 0.02
@@ -53,6 +55,7 @@ class CallResult:
     media_after_clear: int = 0
     webhook_ms: list[float] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
+    hung_up: bool = False     # the caller hung up (not the server closing the stream)
     started: float = field(default_factory=time.monotonic)
 
     def note(self, kind: str, data: Any = None) -> None:
@@ -74,6 +77,42 @@ class CallerPlan:
     # "ringing"/"in-progress" go out when the call is answered, the final status at the end
     progress_events: tuple[str, ...] = ()
     drop_after_frames: int | None = None   # fault: the media socket dies after this many frames
+    # X-Twilio-Signature on the stream's upgrade: whether Twilio sends one is disputed, so only when
+    # asked (a bridge with TWIVAPI_MEDIA_SIGNATURE=required needs it); the TwiML's <Parameter>s,
+    # the stream's token among them, go in start.customParameters either way
+    sign_upgrade: bool = False
+
+
+def stream_url_refusal(url: str) -> str | None:
+    """Why Twilio would not open this ``<Stream url>``, or None: it opens only wss:// (port 443); a
+    ws:// URL is accepted here only to a loopback host (local work: the simulators, no TLS)."""
+    try:
+        parts = httpx.URL(url) if "://" in url else None
+    except httpx.InvalidURL:
+        parts = None
+    if parts is None or parts.scheme not in ("ws", "wss"):
+        return f"31922 stream URL {url!r} is not a wss:// URL"
+    if parts.scheme == "ws" and not twilio_media.loopback(parts.host):
+        return f"31922 stream URL {url} is ws://: Twilio opens media streams only to wss:// (port 443)"
+    return None
+
+
+# StatusCallbackEvent -> the CallStatus its callback carries (``completed`` is the final status)
+PROGRESS_STATUS = {"initiated": "initiated", "ringing": "ringing", "answered": "in-progress"}
+
+
+class CallbackCounter:
+    """What every call-progress callback carries: its ``SequenceNumber`` (from 0, one counter per
+    call), the moment (``Timestamp``, RFC 2822) and ``CallbackSource``."""
+
+    def __init__(self) -> None:
+        self.sequence = 0
+
+    def params(self, params: dict) -> dict:
+        stamped = {**params, "SequenceNumber": str(self.sequence), "CallbackSource": "call-progress-events",
+                   "Timestamp": rfc2822(now())}
+        self.sequence += 1
+        return stamped
 
 
 class Player:
@@ -170,14 +209,23 @@ class SimulatedCaller:
                 "To": to, "CallToken": "", "FromCountry": "US", "ToCountry": "US"}
 
     # --- one call -------------------------------------------------------------------------------
-    async def call(self, voice_url: str, *, from_: str = "+15551230001", to: str = "+15551230002",
+    async def call(self, voice_url: str | None, *, from_: str = "+15551230001", to: str = "+15551230002",
                    plan: CallerPlan | None = None, status_callback: str | None = None,
-                   call_sid: str | None = None) -> CallResult:
+                   call_sid: str | None = None, status_callback_events: Sequence[str] | None = None) -> CallResult:
+        """One call to ``voice_url``. Status callbacks go to ``status_callback`` as Twilio sends them
+        (``SequenceNumber`` from 0, ``Timestamp``, ``CallbackSource``; ``CallDuration`` and
+        ``Duration`` on the final one), for the ``status_callback_events`` asked (Twilio's
+        ``StatusCallbackEvent`` names; default ``completed`` only, all a number's status callback
+        gets), plus the plan's ``progress_events``."""
         plan = plan or CallerPlan()
         result = CallResult(call_sid or sid("CA"))
         params = self.voice_params(result.call_sid, from_, to)
+        events = list(status_callback_events or ["completed"])
+        progress = [PROGRESS_STATUS[e] for e in events if e in PROGRESS_STATUS]
+        progress += [status for status in plan.progress_events if status not in progress]
+        callbacks = CallbackCounter()
+        answered_at = result.started
         url: str | None = voice_url
-        sequence = 0
         first = True
         while url:
             response = await self.post(url, params, result)
@@ -187,18 +235,22 @@ class SimulatedCaller:
                 result.status = "failed"
                 break
             if first and status_callback:
-                for event in plan.progress_events:
-                    await self.post_status(status_callback, {**params, "CallStatus": event,
-                                                             "SequenceNumber": str(sequence)}, result)
-                    sequence += 1
+                answered_at = time.monotonic()
+                for status in progress:
+                    await self.post_status(status_callback, callbacks.params({**params, "CallStatus": status}), result)
             first = False
             url = await self.obey(response.text, result, plan)
+            if result.hung_up:   # the <Connect action> is still requested, with the final status; its answer is moot
+                if url:
+                    final_action = await self.post(url, {**params, "CallStatus": result.status}, result)
+                    result.note("webhook", {"url": url, "status": final_action.status_code, "after": "hang-up"})
+                break
             params = {**params, "CallStatus": "in-progress"}
-        if status_callback:
-            final = {**params, "CallStatus": result.status, "CallDuration": str(int(time.monotonic() - result.started))}
-            if plan.progress_events:
-                final["SequenceNumber"] = str(sequence)
-            await self.post_status(status_callback, final, result)
+        if status_callback and ("completed" in events or plan.progress_events):
+            seconds = int(time.monotonic() - answered_at) if not first else 0
+            final = {**params, "CallStatus": result.status, "CallDuration": str(seconds),
+                     "Duration": str(math.ceil(seconds / 60))}   # Duration: billed minutes
+            await self.post_status(status_callback, callbacks.params(final), result)
         result.note("ended", result.status)
         return result
 
@@ -240,8 +292,13 @@ class SimulatedCaller:
 
     # --- Media Streams ----------------------------------------------------------------------------
     async def stream(self, url: str, custom: dict, result: CallResult, plan: CallerPlan) -> None:
+        refused = stream_url_refusal(url)
+        if refused:   # as Twilio: it never opens such a socket
+            result.errors.append(refused)
+            result.note("stream-refused", refused)
+            return
         result.stream_sid = stream_sid = sid("MZ")
-        headers = {"X-Twilio-Signature": signing.twilio_signature(self.token, url, {})}
+        headers = {"X-Twilio-Signature": signing.twilio_signature(self.token, url, {})} if plan.sign_upgrade else {}
         try:
             ws = await websockets.connect(url, additional_headers=headers, max_size=2**20, compression=None)
         except (OSError, websockets.WebSocketException) as exc:
@@ -251,13 +308,16 @@ class SimulatedCaller:
         sequence = 0
 
         async def send(message: twilio_media.Message | dict) -> None:
-            """Numbered like Twilio's; a message given as its JSON dict (by a subclass's _speak) is read first."""
+            """Numbered like Twilio's (every message but ``connected``, from 1 at ``start``); a message
+            given as its JSON dict (by a subclass's _speak) is read first."""
             nonlocal sequence
             if isinstance(message, dict):
                 message = twilio_media.from_wire(message, max_payload=None)
-            sequence += 1
+            if not isinstance(message, Connected):
+                sequence += 1
+                message = twilio_media.numbered(message, sequence)
             try:
-                await ws.send(twilio_media.serialize(twilio_media.numbered(message, sequence)))
+                await ws.send(twilio_media.serialize(message))
             except websockets.ConnectionClosed:
                 pass
 
@@ -318,10 +378,12 @@ class SimulatedCaller:
                 result.note("socket-dropped")
                 ws.transport.abort()  # no close frame: the connection just dies
                 return
-            await send(Media(stream_sid, frame, track="inbound", chunk=chunk, timestamp=chunk * 20))
+            # timestamp: ms from the stream's start to this frame's audio (the first one: 0)
+            await send(Media(stream_sid, frame, track="inbound", chunk=chunk, timestamp=(chunk - 1) * 20))
             while dtmf and dtmf[0][0] <= chunk * FRAME_S:
                 await send(Dtmf(stream_sid, dtmf.pop(0)[1], track="inbound_track"))
             target = started + chunk * FRAME_S / plan.speed
             await asyncio.sleep(max(0.0, target - time.monotonic()))
         result.note("caller-hangup")
+        result.hung_up = True
         await send(Stop(stream_sid, call_sid=result.call_sid, account_sid=self.account_sid))

@@ -9,7 +9,9 @@ the real API closely enough that the unmodified ``twilio`` SDK works against it:
 
 Routes (under ``/2010-04-01``): ``Accounts/{Sid}.json`` (GET), ``AvailablePhoneNumbers/{C}/{Type}.json``
 (GET; any area code is offered), ``IncomingPhoneNumbers.json`` (GET, POST), ``IncomingPhoneNumbers/
-{Sid}.json`` (GET, POST, DELETE), ``Calls.json`` (GET, POST), ``Calls/{Sid}.json`` (GET, POST).
+{Sid}.json`` (GET, POST, DELETE), ``Applications.json`` (GET, POST), ``Applications/{Sid}.json`` (GET,
+POST, DELETE: TwiML Apps, where a number with a VoiceApplicationSid sends its calls),
+``Calls.json`` (GET, POST), ``Calls/{Sid}.json`` (GET, POST).
 
 Calls are ``state.SimCall`` objects in ``state.twilio.calls``. ``POST Calls.json`` only registers the
 call (status ``queued``) and runs ``state.twilio.on_call_created`` callbacks: whoever dials it (the
@@ -220,6 +222,50 @@ def _number_values(form: Form) -> dict:
     return values
 
 
+# form field -> resource field, for Applications (TwiML Apps) create/update
+APPLICATION_FIELDS = {
+    "FriendlyName": "friendly_name", "VoiceUrl": "voice_url", "VoiceMethod": "voice_method",
+    "VoiceFallbackUrl": "voice_fallback_url", "VoiceFallbackMethod": "voice_fallback_method",
+    "StatusCallback": "status_callback", "StatusCallbackMethod": "status_callback_method",
+    "VoiceCallerIdLookup": "voice_caller_id_lookup", "SmsUrl": "sms_url", "SmsMethod": "sms_method",
+    "SmsFallbackUrl": "sms_fallback_url", "SmsFallbackMethod": "sms_fallback_method",
+    "SmsStatusCallback": "sms_status_callback", "MessageStatusCallback": "message_status_callback",
+    "PublicApplicationConnectEnabled": "public_application_connect_enabled",
+}
+
+
+def _application_values(form: Form) -> dict:
+    values: dict[str, Any] = {}
+    for name, attr in APPLICATION_FIELDS.items():
+        if name not in form:
+            continue
+        if name in URL_FIELDS or name in ("SmsStatusCallback", "MessageStatusCallback"):
+            values[attr] = _url(form, name) or ""
+        elif name in METHOD_FIELDS:
+            values[attr] = _method(form, name) or "POST"
+        elif name in ("VoiceCallerIdLookup", "PublicApplicationConnectEnabled"):
+            values[attr] = _bool(form.get(name), name)
+        else:
+            values[attr] = form.get(name) or None
+    return values
+
+
+def new_application(account_sid: str, values: dict) -> dict:
+    moment = rfc2822(now())
+    return {
+        "account_sid": account_sid, "api_version": "2010-04-01", "date_created": moment, "date_updated": moment,
+        "friendly_name": None, "message_status_callback": "", "sid": twilio_sid("AP"), "sms_fallback_method": "POST",
+        "sms_fallback_url": "", "sms_method": "POST", "sms_status_callback": "", "sms_url": "",
+        "status_callback": "", "status_callback_method": "POST", "voice_caller_id_lookup": False,
+        "voice_fallback_method": "POST", "voice_fallback_url": "", "voice_method": "POST", "voice_url": "",
+        "public_application_connect_enabled": True, **values,
+    }
+
+
+def application_json(app: dict) -> dict:
+    return {**app, "uri": f"{API}/Accounts/{app['account_sid']}/Applications/{app['sid']}.json"}
+
+
 def new_number(account_sid: str, phone_number: str, values: dict) -> dict:
     moment = rfc2822(now())
     return {
@@ -396,6 +442,37 @@ class TwilioApi:
         del self.twilio.numbers[number["sid"]]
         return Response(status_code=204)
 
+    # TwiML Apps: a number bound to one (VoiceApplicationSid) has its calls sent to the app's voice URL
+    async def create_application(self, request: Request, form: Form) -> Response:
+        app = new_application(self.state.credentials.account_sid, _application_values(form))
+        self.twilio.applications[app["sid"]] = app
+        return JSONResponse(application_json(app), status_code=201)
+
+    async def list_applications(self, request: Request, form: Form) -> Response:
+        apps = list(self.twilio.applications.values())
+        if form.get("FriendlyName"):
+            apps = [a for a in apps if a["friendly_name"] == form.get("FriendlyName")]
+        return JSONResponse(_page(request, form, "applications", [application_json(a) for a in apps]))
+
+    def _application(self, request: Request) -> dict:
+        app = self.twilio.applications.get(request.path_params["sid"])
+        if app is None:
+            raise not_found(request.url.path)
+        return app
+
+    async def fetch_application(self, request: Request, form: Form) -> Response:
+        return JSONResponse(application_json(self._application(request)))
+
+    async def update_application(self, request: Request, form: Form) -> Response:
+        app = self._application(request)
+        app.update(_application_values(form))
+        app["date_updated"] = rfc2822(now())
+        return JSONResponse(application_json(app))
+
+    async def delete_application(self, request: Request, form: Form) -> Response:
+        del self.twilio.applications[self._application(request)["sid"]]
+        return Response(status_code=204)
+
     async def create_call(self, request: Request, form: Form) -> Response:
         to, from_ = form.get("To"), form.get("From")
         if not to:
@@ -476,7 +553,7 @@ def create_twilio_app(state: SimState, faults: Faults | None = None) -> Starlett
     def route(path: str, handler: Handler, methods: list[str], query: bool = False) -> Route:
         return Route(path, endpoint(state, handler, query=query), methods=methods)
 
-    numbers, calls = ACCOUNT + "/IncomingPhoneNumbers", ACCOUNT + "/Calls"
+    numbers, calls, apps = ACCOUNT + "/IncomingPhoneNumbers", ACCOUNT + "/Calls", ACCOUNT + "/Applications"
     routes = [
         route(API + "/Accounts/{account_sid}.json", api.fetch_account, ["GET"], True),
         route(ACCOUNT + "/AvailablePhoneNumbers/{country}/{kind}.json", api.search, ["GET"], True),
@@ -485,6 +562,11 @@ def create_twilio_app(state: SimState, faults: Faults | None = None) -> Starlett
         route(numbers + "/{sid}.json", api.fetch_number, ["GET"], True),
         route(numbers + "/{sid}.json", api.update_number, ["POST"]),
         route(numbers + "/{sid}.json", api.delete_number, ["DELETE"], True),
+        route(apps + ".json", api.list_applications, ["GET"], True),
+        route(apps + ".json", api.create_application, ["POST"]),
+        route(apps + "/{sid}.json", api.fetch_application, ["GET"], True),
+        route(apps + "/{sid}.json", api.update_application, ["POST"]),
+        route(apps + "/{sid}.json", api.delete_application, ["DELETE"], True),
         route(calls + ".json", api.list_calls, ["GET"], True),
         route(calls + ".json", api.create_call, ["POST"]),
         route(calls + "/{sid}.json", api.fetch_call, ["GET"], True),

@@ -4,10 +4,15 @@ On the WebSocket transport (``/call/{id}/transport``) it behaves like Vapi's: ca
 as binary frames in the negotiated format (mu-law 8 kHz or PCM16 16 kHz), the assistant "speaks" as
 binary frames paced in real time (or faster), and control messages go out as bare JSON text frames
 (``status-update``, ``speech-update``, ``transcript``, ``user-interrupted``, ``model-output``).
-An energy VAD on the caller's audio drives turn taking: speech over the assistant interrupts it.
-The same events are posted to the assistant's server URL as server messages (``{"message": ...}``)
-with the configured secret, plus ``conversation-update``, ``tool-calls`` (when the assistant has
-tools; the reply is checked) and, at the end, ``end-of-call-report`` with per-turn latency.
+An energy VAD on the caller's audio drives turn taking: speech over the assistant interrupts it once
+it lasts as long as the assistant's ``stopSpeakingPlan`` asks (``numWords`` at 400 ms a word, else
+``voiceSeconds``; no plan: at once). Shorter speech is a backchannel ("uh-huh"): a ``speech-update``
+and a transcript, no ``user-interrupted``, and the assistant talks on.
+The same events are posted to the call's server URL as server messages (``{"message": ...}``), plus
+``conversation-update`` after each line of the conversation, ``tool-calls`` (when the assistant has
+tools; the reply is checked) and, at the end, ``end-of-call-report`` with per-turn latency: only the
+types the assistant's ``serverMessages`` lists (Vapi's default list without one), authenticated as
+the call's ``server`` says (``vapi_transport.ServerPoster``). ``speech-update.turn`` is zero-based.
 
 Behaviours (``assistant.metadata.simulator.behavior``): ``answer`` (default: a greeting tone, then a
 reply tone after each caller utterance) or ``echo`` (sends back exactly what it heard, for bit-exact
@@ -36,6 +41,12 @@ FRAME_MS = 20
 VAD_THRESHOLD_DBFS = -40.0
 VAD_START_FRAMES = 3      # 60 ms of speech starts a user turn
 VAD_STOP_FRAMES = 15      # 300 ms of silence ends it
+# endedReason values this simulator reports, each one of the spec's Call.endedReason enum (tests check)
+CUSTOMER_ENDED = "customer-ended-call"                          # the caller's side closed the transport
+WORKER_DIED = "call.in-progress.error-vapifault-worker-died"    # fault injection: Vapi's socket drops mid-call
+MANUALLY_CANCELED = "manually-canceled"                         # Live Call Control's end-call
+WORD_MS = 400             # stopSpeakingPlan.numWords: a word is 400 ms of speech (150 words a minute)
+DEFAULT_VOICE_SECONDS = 0.2   # the spec's stopSpeakingPlan.voiceSeconds default
 
 
 @dataclass
@@ -48,6 +59,11 @@ class Script:
     reply_hz: float = 660.0
     speed: float = 1.0          # >1 speaks faster than real time
     tools: list[str] = field(default_factory=list)
+    # stopSpeakingPlan (the assistant's, or metadata.simulator's num_words / voice_seconds): how long the
+    # caller must talk over the assistant before Vapi treats it as an interruption. Neither set (no plan):
+    # at once, when the VAD starts a user turn.
+    num_words: int | None = None
+    voice_seconds: float | None = None
 
     @classmethod
     def from_assistant(cls, assistant: dict[str, Any] | None) -> Script:
@@ -55,8 +71,23 @@ class Script:
         options = ((assistant.get("metadata") or {}).get("simulator") or {})
         tools = [t.get("function", {}).get("name") for t in (assistant.get("model") or {}).get("tools", [])
                  if isinstance(t, dict) and t.get("function", {}).get("name")]
+        plan = assistant.get("stopSpeakingPlan") if isinstance(assistant.get("stopSpeakingPlan"), dict) else None
+        stop: dict[str, Any] = {}
+        if plan is not None:
+            stop = {"num_words": plan.get("numWords", 0), "voice_seconds": plan.get("voiceSeconds",
+                                                                                    DEFAULT_VOICE_SECONDS)}
         known = {k: v for k, v in options.items() if k in cls.__dataclass_fields__ and k != "tools"}
-        return cls(tools=tools, **known)
+        return cls(tools=tools, **{**stop, **known})
+
+    @property
+    def interrupt_after_frames(self) -> int:
+        """Voiced frames of the caller, talking over the assistant, that make an interruption
+        (``numWords`` words, or ``voiceSeconds`` when ``numWords`` is 0); 0: at once."""
+        if self.num_words:
+            return -(-self.num_words * WORD_MS // FRAME_MS)
+        if self.voice_seconds is None:
+            return 0
+        return max(0, round(self.voice_seconds * 1000 / FRAME_MS))
 
 
 Poster = Callable[[dict[str, Any]], Coroutine[Any, Any, Any]]   # a server message -> the server's reply
@@ -92,16 +123,20 @@ class FormatCodec:
 
 class SimulatedAssistant:
     def __init__(self, call: dict[str, Any], post: Poster | None, script: Script, *,
-                 drop_after_frames: int | None = None):
+                 drop_after_frames: int | None = None, audio_format: dict[str, Any] | None = None):
         self.call, self.post, self.script = call, post, script
         self.drop_after_frames = drop_after_frames   # fault injection: the socket dies mid-call
-        self.codec = FormatCodec((call.get("transport") or {}).get("audioFormat"))
+        # the socket's format: the vapi.websocket transport's audioFormat, or given (Twilio's stream: mu-law)
+        self.codec = FormatCodec(audio_format or (call.get("transport") or {}).get("audioFormat"))
         self.ws: AssistantSocket | None = None
         self.speaking: asyncio.Task[None] | None = None
-        self.turn = 0
+        self.turn = 0              # speech-update.turn: zero-based, the assistant turn now (or last) spoken
+        self.turns = 0             # assistant turns started so far
         self.turn_id = uuid.uuid4().hex[:12]
         self.voiced = self.silent = 0
         self.user_talking = False
+        self.over_assistant = False    # this user turn started while the assistant was speaking...
+        self.barged = False            # ... and became an interruption (else: a backchannel)
         self.user_stopped_at: float | None = None
         self.user_started_at: float | None = None
         self.transcript: list[dict[str, Any]] = []
@@ -111,7 +146,7 @@ class SimulatedAssistant:
         self.sent = bytearray()        # everything the assistant spoke
         self.socket_messages: list[dict[str, Any]] = []   # control messages sent on the transport socket
         self.started = time.time()
-        self.ended_reason = "customer-ended-call"
+        self.ended_reason = CUSTOMER_ENDED
         self.closed = False
 
     # --- transport ------------------------------------------------------------------------------
@@ -171,16 +206,25 @@ class SimulatedAssistant:
             return False
         kind = message.get("type") if isinstance(message, dict) else None
         if kind in ("end-call", "hangup"):
-            self.ended_reason = "customer-ended-call"
+            self.ended_reason = CUSTOMER_ENDED
             return True
         if kind == "add-message":
             content = (message.get("message") or {}).get("content", "")
             self.say_line("user", str(content), time.time())
+            await self.conversation_update()
             if message.get("triggerResponseEnabled") and self.script.behavior == "answer":
                 self.speak(self.script.reply_hz, self.script.reply_ms)
         elif kind == "say":
             self.speak(self.script.reply_hz, self.script.reply_ms)
         return False
+
+    async def conversation_update(self) -> None:
+        """``conversation-update``: the conversation so far, after each line of it (``messages`` in
+        the artifact's shape, ``messagesOpenAIFormatted`` as OpenAI's chat messages)."""
+        openai = [{"role": "assistant" if line["role"] == "bot" else line["role"], "content": line["message"]}
+                  for line in self.transcript]
+        await self.emit({"type": "conversation-update", "messages": list(self.transcript),
+                         "messagesOpenAIFormatted": openai})
 
     def say_line(self, role: str, text: str, started: float, ended: float | None = None) -> None:
         """A transcript entry shaped like Vapi's artifact messages (role, message, times)."""
@@ -193,7 +237,7 @@ class SimulatedAssistant:
     async def on_audio(self, frame: bytes) -> None:
         self.heard += frame
         if self.drop_after_frames is not None and len(self.heard) >= self.drop_after_frames * len(frame):
-            self.ended_reason = "call.in-progress.error-vapifault-transport-dropped"
+            self.ended_reason = WORKER_DIED
             try:
                 await self.socket.close(code=1011)
             except (RuntimeError, WebSocketDisconnect):
@@ -208,24 +252,45 @@ class SimulatedAssistant:
             await self.user_started()
         elif self.user_talking and self.silent >= VAD_STOP_FRAMES:
             await self.user_stopped()
+        elif self.user_talking and self.over_assistant and not self.barged \
+                and self.voiced >= self.script.interrupt_after_frames:
+            await self.interrupt_assistant()
+
+    @property
+    def assistant_speaking(self) -> bool:
+        return self.speaking is not None and not self.speaking.done()
 
     async def user_started(self) -> None:
         self.user_talking = True
         self.user_started_at = time.time()
-        if self.speaking and not self.speaking.done():
-            self.speaking.cancel()
-            self.interruptions += 1
-            await self.emit({"type": "user-interrupted", "turnId": self.turn_id})
-            await self.emit({"type": "speech-update", "status": "stopped", "role": "assistant", "turn": self.turn})
+        self.over_assistant, self.barged = self.assistant_speaking, False
+        if self.over_assistant and self.voiced >= self.script.interrupt_after_frames:
+            await self.interrupt_assistant()
         await self.emit({"type": "speech-update", "status": "started", "role": "user", "turn": self.turn})
+
+    async def interrupt_assistant(self) -> None:
+        """The caller has talked over the assistant long enough (``stopSpeakingPlan``): it stops."""
+        self.barged = True
+        if not self.assistant_speaking:
+            return
+        assert self.speaking is not None
+        self.speaking.cancel()
+        self.interruptions += 1
+        await self.emit({"type": "user-interrupted", "turnId": self.turn_id})
+        await self.emit({"type": "speech-update", "status": "stopped", "role": "assistant", "turn": self.turn})
 
     async def user_stopped(self) -> None:
         self.user_talking = False
-        self.user_stopped_at = time.monotonic()
+        backchannel = self.over_assistant and not self.barged and self.assistant_speaking
+        if not backchannel:
+            self.user_stopped_at = time.monotonic()
         await self.emit({"type": "speech-update", "status": "stopped", "role": "user", "turn": self.turn})
-        text = f"(simulated caller utterance {len(self.transcript) + 1})"
+        text = "uh-huh" if backchannel else f"(simulated caller utterance {len(self.transcript) + 1})"
         self.say_line("user", text, self.user_started_at or time.time())
         await self.emit({"type": "transcript", "role": "user", "transcriptType": "final", "transcript": text})
+        await self.conversation_update()
+        if backchannel:   # not an interruption (too short for stopSpeakingPlan): the assistant talks on
+            return
         if self.script.tools and self.post is not None:
             await self.call_tool(self.script.tools[0])
         self.speak(self.script.reply_hz, self.script.reply_ms, delay_ms=self.script.model_latency_ms)
@@ -251,12 +316,12 @@ class SimulatedAssistant:
 
     async def _speak(self, hz: float, ms: int, first: bool, delay_ms: int) -> None:
         await asyncio.sleep(delay_ms / 1000 / self.script.speed)
-        self.turn += 1
+        self.turn, self.turns = self.turns, self.turns + 1
         self.turn_id = uuid.uuid4().hex[:12]
         await self.emit({"type": "speech-update", "status": "started", "role": "assistant", "turn": self.turn})
         # the spec types `output` as an object ("a token or tool call"); the shape inside is ours
         await self.emit({"type": "model-output", "output": {"text": "Hello" if first else "Sure"},
-                         "turnId": self.turn_id}, server=False)
+                         "turnId": self.turn_id})   # to the server only if serverMessages lists it
         if self.user_stopped_at is not None:
             self.latencies.append({"turnLatency": round((time.monotonic() - self.user_stopped_at) * 1000),
                                    "modelLatency": self.script.model_latency_ms})
@@ -268,6 +333,7 @@ class SimulatedAssistant:
             await asyncio.sleep(max(0.0, target - time.monotonic()))
         self.say_line("bot", "Hello" if first else "Sure", wall)
         await self.emit({"type": "speech-update", "status": "stopped", "role": "assistant", "turn": self.turn})
+        await self.conversation_update()
 
     async def _send_audio(self, frame: bytes) -> None:
         self.sent += frame

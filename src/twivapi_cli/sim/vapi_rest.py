@@ -15,12 +15,22 @@ Calls (``POST /call``) become ``state.VapiCall`` records in ``state.vapi.calls``
 
 Importing a Twilio number (``POST /phone-number``) re-points its VoiceUrl at
 ``<host>/twilio/inbound_call``; a (signed) call there becomes ``kind="inbound"`` and gets the same
-``<Connect><Stream>`` TwiML.
+``<Connect><Stream>`` TwiML. A number without an assistant asks for one: ``assistant-request`` to the
+number's server (else the org's), answered within 7.5 s with ``assistantId``, ``assistant``
+(+ ``assistantOverrides``), ``destination`` (forwarded) or ``error`` (spoken, then hung up).
+
+Phone calls carry their CallSid in ``transport`` (a ``TwilioTransport``: ``callSid``,
+``accountSid``) and in the deprecated ``phoneCallProviderId``. ``monitor.controlUrl`` exists unless
+the assistant's ``monitorPlan.controlEnabled`` is false, and asks for ``Authorization: Bearer <the
+org's public key>`` when ``controlAuthenticationEnabled`` is true. Custom credentials
+(``POST /credential``: bearer or hmac ``authenticationPlan``) are what a ``server.credentialId``
+names; the simulated assistant signs with them and with ``server.headers``, nothing else.
 
 Extension points for the simulated assistant: ``create_vapi_app(..., extra_routes=[...])`` mounts the
 WebSocket routes ``/call/{id}/transport`` and ``/call/{id}/twilio-stream`` (and anything else) ahead
-of these; ``state.vapi.find_call(id)`` gives ``(record, assistant)``; ``VapiCall.server`` and
-``state.vapi.webhook_secret`` say where and how to post server messages; ``state.vapi.on_call_created``
+of these; ``state.vapi.find_call(id)`` gives ``(record, assistant)``; ``VapiCall.server`` (with
+``state.vapi.credentials`` for its ``credentialId``) says where and how to post server messages
+(``vapi_transport.ServerPoster.for_server``); ``state.vapi.on_call_created``
 runs for every new call; ``POST /call/{id}/control`` messages are published on the call's hub
 (``call.on_control(fn)`` / ``call.subscribe()``), ``end-call`` also ends the record.
 """
@@ -45,7 +55,8 @@ from twilio.request_validator import RequestValidator
 from twilio.twiml.voice_response import VoiceResponse
 
 from .faults import FaultMiddleware, Faults, control_routes
-from .state import SimCall, SimState, VapiCall, iso, now, twilio_sid
+from .state import SimCall, SimState, VapiCall, iso, now, twilio_sid, twilio_transport
+from .vapi_transport import ServerPoster
 
 INVALID_KEY = "Invalid Key. Hot tip, you may be using the private key instead of the public key, or vice versa."
 REASONS = {400: "Bad Request", 401: "Unauthorized", 404: "Not Found", 409: "Conflict", 429: "Too Many Requests",
@@ -258,7 +269,10 @@ class VapiApi:
 
     async def update_assistant(self, request: Request, body: Any) -> Response:
         record = self._find(self.vapi.assistants, request, "Assistant")
-        record.update(check(body, "UpdateAssistantDTO"), updatedAt=iso(now()))
+        changes = check(body, "UpdateAssistantDTO")
+        for key in [k for k, v in changes.items() if v is None]:   # null clears a field (no server at all)
+            record.pop(key, None)
+        record.update({k: v for k, v in changes.items() if v is not None}, updatedAt=iso(now()))
         return JSONResponse(record)
 
     async def delete_assistant(self, request: Request, body: Any) -> Response:
@@ -323,10 +337,52 @@ class VapiApi:
             raise VapiError(400, "Couldn't Get Assistant. Need Either `assistant`, `assistantId`, `squad`, "
                                  "`squadId`, or a server URL for assistant-request.")
         record = self._stamp(body)
-        record.update(status="queued", cost=0, monitor=self._monitor(request, record["id"]))
+        record.update(status="queued", cost=0, monitor=self._monitor(request, record["id"], assistant))
         audio = self._connect(record, kind, f"{_ws_base(request)}/call/{record['id']}", number)
-        self.vapi.add_call(VapiCall(record["id"], record, kind, assistant=assistant, server=server, audio_format=audio))
+        self.vapi.add_call(VapiCall(record["id"], record, kind, assistant=assistant, server=server, audio_format=audio,
+                                    control_auth=self._control_auth(assistant)))
         return JSONResponse(record, status_code=201)
+
+    async def update_call(self, request: Request, body: Any) -> Response:
+        """``UpdateCallDTO``: only ``name``."""
+        call = self.vapi.calls.get(request.path_params["id"])
+        if call is None:
+            raise VapiError(404, "Call not found")
+        if not isinstance(body, dict):
+            raise VapiError(400, ["UpdateCallDTO must be an object"])
+        errors = [f"property {k} should not exist" for k in body if k != "name"]
+        if "name" in body and not (isinstance(body["name"], str) and len(body["name"]) <= 40):
+            errors.append("name must be shorter than or equal to 40 characters")
+        if errors:
+            raise VapiError(400, errors)
+        call.record.update(body, updatedAt=iso(now()))
+        return JSONResponse(call.record)
+
+    async def delete_call(self, request: Request, body: Any) -> Response:
+        """Deletes the call's data (never hangs up: ending a call is Live Call Control's end-call)."""
+        call = self.vapi.calls.get(request.path_params["id"])
+        if call is None:
+            raise VapiError(404, "Call not found")
+        del self.vapi.calls[call.id]
+        return JSONResponse(call.record)
+
+    # custom credentials (a server's credentialId)
+    async def create_credential(self, request: Request, body: Any) -> Response:
+        check_credential(body)
+        record = self._stamp(body)
+        self.vapi.credentials[record["id"]] = record
+        return JSONResponse(_credential_view(record), status_code=201)
+
+    async def list_credentials(self, request: Request, body: Any) -> Response:
+        return JSONResponse([_credential_view(c) for c in _newest_first(list(self.vapi.credentials.values()), request)])
+
+    async def get_credential(self, request: Request, body: Any) -> Response:
+        return JSONResponse(_credential_view(self._find(self.vapi.credentials, request, "Credential")))
+
+    async def delete_credential(self, request: Request, body: Any) -> Response:
+        record = self._find(self.vapi.credentials, request, "Credential")
+        del self.vapi.credentials[record["id"]]
+        return JSONResponse(_credential_view(record))
 
     @staticmethod
     def _call_kind(body: dict) -> str:
@@ -389,9 +445,21 @@ class VapiApi:
         return self.vapi.server
 
     @staticmethod
-    def _monitor(request: Request, call_id: str) -> dict:
-        return {"listenUrl": f"{_ws_base(request)}/call/{call_id}/listen",
-                "controlUrl": f"{_base(request)}/call/{call_id}/control"}
+    def _monitor(request: Request, call_id: str, assistant: dict | None) -> dict:
+        """``call.monitor``: the URLs the assistant's ``monitorPlan`` enables (both by default)."""
+        found = (assistant or {}).get("monitorPlan")
+        plan: dict = found if isinstance(found, dict) else {}
+        monitor = {}
+        if plan.get("listenEnabled", True) is not False:
+            monitor["listenUrl"] = f"{_ws_base(request)}/call/{call_id}/listen"
+        if plan.get("controlEnabled", True) is not False:
+            monitor["controlUrl"] = f"{_base(request)}/call/{call_id}/control"
+        return monitor
+
+    @staticmethod
+    def _control_auth(assistant: dict | None) -> bool:
+        plan = (assistant or {}).get("monitorPlan")
+        return isinstance(plan, dict) and plan.get("controlAuthenticationEnabled") is True
 
     def _dial(self, record: dict, number: dict, stream_url: str) -> None:
         """Outbound phone call: when the Twilio simulator shares the state, Vapi asks it to dial."""
@@ -401,7 +469,7 @@ class VapiApi:
             return
         call = SimCall(sid=twilio_sid("CA"), account_sid=owned["account_sid"], to=record["customer"]["number"],
                        from_=owned["phone_number"], twiml=stream_twiml(stream_url), phone_number_sid=owned["sid"])
-        record["phoneCallProviderId"] = call.sid
+        record.update(phoneCallProviderId=call.sid, transport=twilio_transport(owned["account_sid"], call.sid))
         twilio.add_call(call)
 
     async def list_calls(self, request: Request, body: Any) -> Response:
@@ -422,6 +490,11 @@ class VapiApi:
         call = self.vapi.calls.get(request.path_params["id"])
         if call is None:
             raise VapiError(404, "Call not found")
+        if call.control_auth:   # monitorPlan.controlAuthenticationEnabled: Bearer <the org's public key>
+            scheme, _, token = request.headers.get("authorization", "").partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(),
+                                                                     self.state.credentials.vapi_public_key.encode()):
+                raise VapiError(401, INVALID_KEY)
         kind = body.get("type") if isinstance(body, dict) else None
         schema = CONTROL_SCHEMAS.get(kind) if isinstance(kind, str) else None
         if schema is None:
@@ -448,14 +521,104 @@ class VapiApi:
         record = self._stamp({"type": "inboundPhoneCall", "status": "ringing", "cost": 0,
                               "phoneCallProvider": "twilio", "phoneCallTransport": "pstn",
                               "phoneCallProviderId": params.get("CallSid"), "phoneNumberId": number["id"],
+                              "transport": twilio_transport(params.get("AccountSid"), params.get("CallSid")),
                               "customer": {"number": params.get("From")}})
-        if assistant:
+        if assistant is None:   # no assistant on the number: ask its server (assistant-request)
+            assistant, refusal = await self._assistant_request(record, number)
+            if refusal is not None:
+                return Response(refusal, media_type="text/xml")
+        if assistant and assistant.get("id") in self.vapi.assistants:
             record["assistantId"] = assistant["id"]
-        record["monitor"] = self._monitor(request, record["id"])
+        record["monitor"] = self._monitor(request, record["id"], assistant)
         call = VapiCall(record["id"], record, "inbound", assistant=assistant, server=self._server(assistant, number),
-                        audio_format=TWILIO_AUDIO)
+                        audio_format=TWILIO_AUDIO, control_auth=self._control_auth(assistant))
         self.vapi.add_call(call)
         return Response(stream_twiml(f"{_ws_base(request)}/call/{record['id']}/twilio-stream"), media_type="text/xml")
+
+    async def _assistant_request(self, record: dict, number: dict) -> tuple[dict | None, str | None]:
+        """Vapi's ``assistant-request``: (the assistant to run, None), or (None, the TwiML that ends
+        the call) with the call recorded as ended for the spec's reason."""
+        server = self._server(None, number)
+
+        def refuse(reason: str, say: str) -> tuple[None, str]:
+            record.update(status="ended", endedReason=reason, endedAt=iso(now()))
+            self.vapi.calls[record["id"]] = VapiCall(record["id"], record, "inbound", server=server)
+            return None, _say(say)
+
+        if not (server or {}).get("url"):
+            return refuse("call-start-error-neither-assistant-nor-server-set",
+                          "This number has no assistant and no server URL.")
+        public = {k: v for k, v in number.items() if k not in ("twilioAuthToken", "twilioApiSecret")}
+        message = {"type": "assistant-request", "timestamp": int(now().timestamp() * 1000), "call": record,
+                   "phoneNumber": public, "customer": record["customer"]}
+        poster = ServerPoster.for_server(server, self.vapi.credentials, timeout=ASSISTANT_REQUEST_TIMEOUT)
+        try:
+            reply = await poster(message)
+        finally:
+            await poster.aclose()
+        self.vapi.assistant_requests.append((message, poster.replies[-1] if poster.replies else None))
+        status = poster.replies[-1][1] if poster.replies else 0
+        if status not in (200, 201) or not isinstance(reply, dict):
+            return refuse("assistant-request-failed", "Sorry, this call could not be set up.")
+        if isinstance(reply.get("error"), str) and reply["error"]:
+            return refuse("assistant-request-returned-error", reply["error"])
+        destination = reply.get("destination")
+        if isinstance(destination, dict) and destination.get("number"):
+            record.update(status="forwarding", destination=destination)
+            self.vapi.calls[record["id"]] = VapiCall(record["id"], record, "inbound", server=server)
+            response = VoiceResponse()
+            if destination.get("message"):
+                response.say(str(destination["message"]))
+            response.dial(str(destination["number"]))
+            return None, str(response)
+        if reply.get("assistantId"):
+            found = self.vapi.assistants.get(str(reply["assistantId"]))
+            if found is None:
+                return refuse("assistant-request-returned-invalid-assistant", "Sorry, this call could not be set up.")
+            return _merge(found, reply.get("assistantOverrides")), None
+        if isinstance(reply.get("assistant"), dict):
+            errors = validate(reply["assistant"], "CreateAssistantDTO")
+            if errors:
+                return refuse("assistant-request-returned-invalid-assistant", "Sorry, this call could not be set up.")
+            return _merge(reply["assistant"], reply.get("assistantOverrides")), None
+        return refuse("assistant-request-returned-no-assistant", "Sorry, this call could not be set up.")
+
+
+ASSISTANT_REQUEST_TIMEOUT = 7.5   # Vapi's fixed assistant-request deadline (the telephony 15 s cap, minus setup)
+CREDENTIAL_SECRETS = ("token", "secretKey", "clientSecret")
+
+
+def check_credential(body: Any) -> dict:
+    """A custom credential (``CreateCustomCredentialDTO``) with a bearer or an hmac
+    ``authenticationPlan`` (``BearerAuthenticationPlan``, ``HMACAuthenticationPlan``)."""
+    if not isinstance(body, dict):
+        raise VapiError(400, ["CreateCustomCredentialDTO must be an object"])
+    errors = [f"property {k} should not exist" for k in body
+              if k not in ("provider", "authenticationPlan", "name", "encryptionPlan")]
+    if body.get("provider") != "custom-credential":
+        errors.append("provider must be one of the following values: custom-credential")
+    plan = body.get("authenticationPlan")
+    if not isinstance(plan, dict) or plan.get("type") not in ("bearer", "hmac"):
+        errors.append("authenticationPlan.type must be one of the following values: bearer, hmac "
+                      "(the simulator's plans)")
+    elif plan["type"] == "bearer" and not isinstance(plan.get("token"), str):
+        errors.append("authenticationPlan.token must be a string")
+    elif plan["type"] == "hmac":
+        if not isinstance(plan.get("secretKey"), str):
+            errors.append("authenticationPlan.secretKey must be a string")
+        if plan.get("algorithm") not in ("sha256", "sha512", "sha1"):
+            errors.append("authenticationPlan.algorithm must be one of the following values: sha256, sha512, sha1")
+        if plan.get("signatureEncoding", "hex") not in ("hex", "base64"):
+            errors.append("authenticationPlan.signatureEncoding must be one of the following values: hex, base64")
+    if errors:
+        raise VapiError(400, errors)
+    return body
+
+
+def _credential_view(record: dict) -> dict:
+    """A credential as the API shows it: secrets are not viewable after creation."""
+    plan = {k: v for k, v in (record.get("authenticationPlan") or {}).items() if k not in CREDENTIAL_SECRETS}
+    return {**record, "authenticationPlan": plan}
 
 
 CONTROL_SCHEMAS = {"add-message": "ClientInboundMessageAddMessage", "control": "ClientInboundMessageControl",
@@ -492,8 +655,13 @@ def create_vapi_app(state: SimState, faults: Faults | None = None, extra_routes:
         route("/phone-number/{id}", api.get_number, "GET"), route("/phone-number/{id}", api.update_number, "PATCH"),
         route("/phone-number/{id}", api.delete_number, "DELETE"),
         route("/call", api.create_call, "POST"), route("/call", api.list_calls, "GET"),
-        route("/call/{id}", api.get_call, "GET"),
-        # the control URL is a capability URL on Vapi's call host: no API key (monitorPlan defaults)
+        route("/call/{id}", api.get_call, "GET"), route("/call/{id}", api.update_call, "PATCH"),
+        route("/call/{id}", api.delete_call, "DELETE"),
+        route("/credential", api.create_credential, "POST"), route("/credential", api.list_credentials, "GET"),
+        route("/credential/{id}", api.get_credential, "GET"),
+        route("/credential/{id}", api.delete_credential, "DELETE"),
+        # the control URL is a capability URL on Vapi's call host: no API key (monitorPlan defaults), or
+        # Bearer <public key> with monitorPlan.controlAuthenticationEnabled
         route("/call/{id}/control", api.control, "POST", auth=False),
         Route("/twilio/inbound_call", api.twilio_inbound, methods=["POST"]),
         *control_routes(faults),
