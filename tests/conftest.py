@@ -16,6 +16,9 @@ def _isolated_env(monkeypatch, tmp_path):
         if name.startswith(_PREFIXES):
             monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("TWIVAPI_STATE_DIR", str(tmp_path / "state"))
+    # the terminal's width is the developer's (pytest-xdist's workers get COLUMNS=80): tests set their own
+    monkeypatch.delenv("COLUMNS", raising=False)
+    monkeypatch.delenv("LINES", raising=False)
 
 
 @pytest.fixture(scope="module")

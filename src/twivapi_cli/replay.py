@@ -478,7 +478,7 @@ STREAM_PARAMETERS = "stream.parameters"   # the variable holding the last voice 
 
 def remember_stream_parameters(response: httpx.Response, variables: dict) -> None:
     """After a voice webhook: the ``<Parameter>`` elements of the ``<Connect><Stream>`` it answered (as
-    JSON), which a later ``media open`` sends in ``start.customParameters``, as Twilio does."""
+    JSON), which a later ``media open`` sends in its ``start`` message (``Start.custom_parameters``), as Twilio does."""
     try:
         root = ET.fromstring(response.text)
     except ET.ParseError:
@@ -553,7 +553,8 @@ class InProcess:
         sock = bind()
         public = f"http://127.0.0.1:{sock.getsockname()[1]}"
         assistant = self._vapi("POST", "/assistant", {
-            "name": f"replay-{fixture.name}"[:40], "server": {"url": public + "/vapi/webhook"},
+            "name": f"replay-{fixture.name}"[:40], "server": {"url": public + "/vapi/webhook",   # signed as a provisioned assistant's is
+                                                          "headers": {"X-Vapi-Secret": self.state.vapi.webhook_secret or ""}},
             "model": {"provider": "openai", "model": "gpt-4o", "tools": [
                 {"type": "function", "function": {"name": "lookup_order"}}]},
             "metadata": {"simulator": simulator_script(fixture)}})

@@ -193,7 +193,7 @@ def diagnose_twilio_url(token: str, signature: str | None, params: Mapping | Non
 # --- the media stream's token --------------------------------------------------------------------
 # Whether (and over which URL) Twilio signs the Media Streams upgrade, sources disagree. What only
 # Twilio can have is the TwiML we answered to a signed voice webhook: it carries this token as a
-# <Parameter>, and Twilio hands it back in the stream's start.customParameters.
+# <Parameter>, and Twilio hands it back in the stream's start message (Start.custom_parameters).
 
 STREAM_TOKEN_PARAM = "twivapiToken"
 
@@ -205,7 +205,7 @@ def stream_token(auth_token: str, call_sid: str) -> str:
 
 
 def verify_stream_token(auth_token: str, call_sid: str, token: str | None) -> bool:
-    """Whether ``token`` (from ``start.customParameters``) is this call's, in constant time."""
+    """Whether ``token`` (from the start message's parameters) is this call's, in constant time."""
     return token is not None and _same(token, stream_token(auth_token, call_sid))
 
 

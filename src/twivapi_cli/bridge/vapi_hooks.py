@@ -185,7 +185,7 @@ async def _answer(app: Deps, kind: str, message: dict) -> dict | None:
         return {"error": "No assistant is configured on this bridge (set VAPI_ASSISTANT_ID)."}
     if kind in ("tool-calls", "function-call"):
         if kind == "function-call":
-            call = message.get("functionCall") or {}
+            call = _object(message.get("functionCall"))
             result = await app.tools.run_one({"id": "", "function": {
                 "name": call.get("name", ""), "arguments": call.get("parameters", {})}})
             return {"result": result.get("result", result.get("error"))}

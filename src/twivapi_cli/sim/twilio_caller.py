@@ -79,7 +79,7 @@ class CallerPlan:
     drop_after_frames: int | None = None   # fault: the media socket dies after this many frames
     # X-Twilio-Signature on the stream's upgrade: whether Twilio sends one is disputed, so only when
     # asked (a bridge with TWIVAPI_MEDIA_SIGNATURE=required needs it); the TwiML's <Parameter>s,
-    # the stream's token among them, go in start.customParameters either way
+    # the stream's token among them, go in the start message either way
     sign_upgrade: bool = False
 
 
