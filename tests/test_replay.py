@@ -136,6 +136,17 @@ def test_media_expectations_fail_with_what_differed(tmp_path):
     assert "the server did not close the socket" in problems
 
 
+@pytest.mark.parametrize("settle_ms, exit_code", [(None, 0), (0, 1)])
+def test_a_wait_gives_audio_and_marks_still_expected_time_to_arrive(tmp_path, settle_ms, exit_code):
+    # 300 ms is too short for a 1.5 s greeting: only the settle time lets the wait see all of it played
+    wait = {"media": "wait", "ms": 300, "expect": {"media": {"min_audio_ms": 1500, "marks_echoed": True}}}
+    if settle_ms is not None:
+        wait["settle_ms"] = settle_ms
+    steps = [{"twilio": "voice", "capture": {"stream_url": "twiml:Connect/Stream/@url"}}, {"media": "open"}, wait]
+    result = replay(write(tmp_path, steps, assistant={"greeting_ms": 1500}), "--in-process", "--json")
+    assert result.exit_code == exit_code, result.stdout
+
+
 @pytest.mark.parametrize("content, where", [
     ('{"name": "x"}', "field 'steps'"),
     ('{"name": "x", "steps": [{"twilio": "voice"}, {"twilio": "ringing"}]}', "step 1, field 'twilio'"),

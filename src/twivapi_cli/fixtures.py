@@ -82,6 +82,10 @@ class Step(Strict):
     tone_hz: float | None = Field(default=None, gt=0, lt=4000, description="media audio: a tone; omit for silence")
     file: str | None = Field(default=None, description="media audio: a WAV file (8 kHz mono, PCM16 or mu-law)")
     ms: float = Field(default=0, ge=0, le=600_000, description="media audio/wait: duration")
+    settle_ms: float = Field(
+        default=5000, ge=0, le=60_000,
+        description="media wait: how much longer to wait, after ms, for audio, marks or a close still expected"
+                    " (a loaded machine's lag); what must not happen is checked over the whole wait")
     amplitude: float = Field(default=0.5, gt=0, le=1)
     digit: str | None = Field(default=None, pattern=r"^[0-9*#A-D]$")
     mark: str | None = None

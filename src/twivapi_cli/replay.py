@@ -26,6 +26,8 @@ from .errors import FixtureError, TargetUnreachable
 from .fixtures import TWILIO_WEBHOOKS, Fixture, Step, explain_requirements, render, simulator_script
 from .sim.twilio_caller import FRAME, Player
 
+QUIET_S = 0.6   # no audio for this long, every mark echoed: the assistant is done speaking
+
 
 @dataclass
 class Credentials:
@@ -414,6 +416,9 @@ class Runner:
             await media.stream(self.audio_for(step))
         elif step.media == "wait":
             await asyncio.sleep(step.ms / 1000)
+            settle_until = time.monotonic() + step.settle_ms / 1000
+            while self.still_expected(step, media) and time.monotonic() < settle_until:
+                await asyncio.sleep(0.05)
         elif step.media == "dtmf":
             await media.send(twilio_media.Dtmf(media.stream_sid, step.digit or "", track="inbound_track"))
         elif step.media == "mark":
@@ -437,6 +442,20 @@ class Runner:
         if step.tone_hz:
             return audio.pcm16_to_ulaw(audio.tone(step.tone_hz, step.ms, 8000, step.amplitude))
         return audio.silence_mulaw(step.ms)
+
+    @staticmethod
+    def still_expected(step: Step, media: MediaSession) -> bool:
+        """Something the step expects to happen has not happened yet (audio, marks, a close)."""
+        expect = step.expect.media
+        if expect is None:
+            return False
+        pending_marks = [m for m in media.marks_sent if m not in media.result.marks_echoed]
+        if media.media_times and not pending_marks and time.monotonic() - media.media_times[-1] > QUIET_S:
+            return False   # the assistant has stopped speaking and all it said was played: waiting won't help
+        return bool((expect.min_audio_ms is not None and len(media.result.heard) / 8 < expect.min_audio_ms)
+                    or (expect.marks_echoed and (not media.marks_sent or any(
+                        m not in media.result.marks_echoed for m in media.marks_sent)))
+                    or (expect.closed and not media.closed.is_set()))
 
     @staticmethod
     def check_media(step: Step, media: MediaSession, started: float) -> list[str]:
