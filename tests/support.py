@@ -198,6 +198,18 @@ def start_serve(env: dict, port: int, *args: str, timeout: float = 15):
         time.sleep(0.1)
 
 
+def reap(proc, sig: int | None = None, timeout: float = 10) -> int:
+    """End a `start_serve` process (``sig``, default SIGKILL, unless it has exited) and close its pipe."""
+    import signal
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGKILL if sig is None else sig)
+    try:
+        return proc.wait(timeout)
+    finally:
+        if proc.stderr is not None:
+            proc.stderr.close()
+
+
 async def dial(bridge_url: str, plan=None, *, status_callback: bool = True, faults=None, **options):
     """One simulated call to the bridge at ``bridge_url``: its signed voice webhook, the stream the
     TwiML names, and (``status_callback``) Twilio's status callbacks to the same bridge."""

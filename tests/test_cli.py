@@ -7,7 +7,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -16,7 +15,7 @@ from typer.testing import CliRunner
 from twivapi_cli import __version__
 from twivapi_cli.cli import app
 
-from .support import PUBLIC, TOKEN, new_call_sid
+from .support import PUBLIC, TOKEN, new_call_sid, reap, start_serve
 
 runner = CliRunner()
 TWIVAPI = str(Path(sys.executable).with_name("twivapi"))
@@ -73,27 +72,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _start_serve(env: dict, port: int) -> subprocess.Popen:
-    proc = subprocess.Popen([TWIVAPI, "serve", "--port", str(port), "--mode", "native",
-                             "--log-level", "warning"], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            time.sleep(0.1)
-    proc.kill()
-    raise AssertionError("serve did not start: " + proc.stderr.read())
-
-
 def test_sigkill_and_restart_keeps_acknowledged_events_and_live_sessions(tmp_path):
     from twivapi_cli import signing
     port = _free_port()
     env = {**os.environ, "TWILIO_AUTH_TOKEN": TOKEN, "VAPI_WEBHOOK_SECRET": "s", "TWIVAPI_PUBLIC_URL": PUBLIC,
            "TWIVAPI_STORE": f"sqlite:///{tmp_path}/kill.db", "TWIVAPI_STATE_DIR": str(tmp_path / "state")}
-    proc = _start_serve(env, port)
+    proc = start_serve(env, port, "--mode", "native")
     sids = [new_call_sid() for _ in range(25)]
     try:
         for sid in sids:
@@ -102,14 +86,12 @@ def test_sigkill_and_restart_keeps_acknowledged_events_and_live_sessions(tmp_pat
             assert httpx.post(f"http://127.0.0.1:{port}/twilio/voice", data=params,
                               headers={"X-Twilio-Signature": sig}).status_code == 200
     finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-    proc = _start_serve(env, port)
+        reap(proc)
+    proc = start_serve(env, port, "--mode", "native")
     try:
         assert httpx.get(f"http://127.0.0.1:{port}/health").json()["active_sessions"] == len(sids)
     finally:
-        proc.terminate()
-        proc.wait(10)
+        reap(proc, signal.SIGTERM)
     import sqlite3
     rows = sqlite3.connect(tmp_path / "kill.db").execute(
         "SELECT call_sid FROM events WHERE type = 'twilio.voice'").fetchall()

@@ -211,14 +211,15 @@ class SimulatedCaller:
     # --- one call -------------------------------------------------------------------------------
     async def call(self, voice_url: str | None, *, from_: str = "+15551230001", to: str = "+15551230002",
                    plan: CallerPlan | None = None, status_callback: str | None = None,
-                   call_sid: str | None = None, status_callback_events: Sequence[str] | None = None) -> CallResult:
+                   call_sid: str | None = None, status_callback_events: Sequence[str] | None = None,
+                   result: CallResult | None = None) -> CallResult:
         """One call to ``voice_url``. Status callbacks go to ``status_callback`` as Twilio sends them
         (``SequenceNumber`` from 0, ``Timestamp``, ``CallbackSource``; ``CallDuration`` and
         ``Duration`` on the final one), for the ``status_callback_events`` asked (Twilio's
         ``StatusCallbackEvent`` names; default ``completed`` only, all a number's status callback
-        gets), plus the plan's ``progress_events``."""
+        gets), plus the plan's ``progress_events``. Pass a ``result`` to watch the call while it runs."""
         plan = plan or CallerPlan()
-        result = CallResult(call_sid or sid("CA"))
+        result = result or CallResult(call_sid or sid("CA"))
         params = self.voice_params(result.call_sid, from_, to)
         events = list(status_callback_events or ["completed"])
         progress = [PROGRESS_STATUS[e] for e in events if e in PROGRESS_STATUS]
