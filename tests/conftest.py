@@ -28,3 +28,19 @@ def sims():
     from .sims import running_sims
     with running_sims() as running:
         yield running
+
+
+def pytest_terminal_summary(terminalreporter):
+    """A test's one-line summary (``record_property("summary", ...)``: the soak's calls, RSS, fds) at
+    the end of the run, where it is read; xdist carries the property back from its workers."""
+    lines = [value for report in terminalreporter.getreports("passed") if report.when == "call"
+             for name, value in report.user_properties if name == "summary"]
+    for line in lines:
+        terminalreporter.write_line(line)
+
+
+def pytest_collection_modifyitems(items):
+    """Files with slow tests (the soak, the long fuzz runs) first: each is the longest thing a worker
+    does, so started last it would be the run's tail. The order is otherwise kept (a stable sort)."""
+    slow_files = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.path not in slow_files)

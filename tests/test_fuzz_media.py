@@ -46,7 +46,7 @@ from twivapi_cli.store.memory import MemoryStore
 from .polling import until, wait_for
 from .support import TOKEN, VAPI_SECRET, bridge_settings, new_call_sid, place_call, running_bridge
 
-EXAMPLES = 500         # connections per property, normal run
+EXAMPLES = 250         # connections per property, normal run
 SLOW_EXAMPLES = 1_000   # the slow variant (./scripts/test-slow)
 STEP_TIMEOUT = 5.0
 WS_MAX = 1024 * 1024          # the bridge's ws_max_size (bridge/server.py)

@@ -291,7 +291,7 @@ def active(bridge) -> list:
 
 # --- the soak -------------------------------------------------------------------------------------------
 
-def test_soak_1000_calls_through_one_bridge(tmp_path, monkeypatch):
+def test_soak_1000_calls_through_one_bridge(tmp_path, monkeypatch, record_property):
     # The store keeps its newest events in memory too (a ring of 50,000, ~2,400 of these calls); a
     # ring the warm-up fills makes what follows steady state, so RSS growth after it is a leak.
     monkeypatch.setattr(memory, "EVENT_RING", EVENT_RING)
@@ -334,7 +334,7 @@ def test_soak_1000_calls_through_one_bridge(tmp_path, monkeypatch):
                f"every {CHUNK}: {' '.join(f'{r:.0f}' for r in rss)}); bridge loop tasks {len(tasks_before)} -> {tasks_end} "
                f"({len(leaked_tasks)} leaked); fds {fds_before[0]} -> {fds_end[0]} "
                f"(sockets {fds_before[1]} -> {fds_end[1]}); sessions left {len(left)}; problems {len(problems)}")
-    print("\n" + summary)
+    record_property("summary", summary)   # printed at the end of the run (conftest)
     assert not problems, f"{len(problems)} problems, the first ones:\n" + "\n".join(problems[:20])
     assert len({d.call_sid for d in done}) == CALLS
     assert durable == (CALLS, CALLS), f"SQLite file: {durable} calls / 'ended' events, wanted {CALLS} of each"
