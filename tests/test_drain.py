@@ -22,7 +22,7 @@ from twivapi_cli.bridge.twilio_hooks import FALLBACK_TEXT
 from twivapi_cli.models import CallState, Session
 from twivapi_cli.sim.twilio_caller import CallerPlan
 
-from .support import TOKEN, VAPI_KEY, VAPI_SECRET, free_port, new_call_sid, place_call, start_serve
+from .support import TOKEN, VAPI_KEY, VAPI_SECRET, free_port, new_call_sid, place_call, reap, start_serve
 
 DRAIN_S = 3.0
 
@@ -92,6 +92,4 @@ def test_sigterm_drains_live_calls_then_ends_the_rest_and_exits_0(sims, tmp_path
         assert not isinstance(staying_result, Exception), staying_result
         assert staying_result.timeline[-1][1] == "ended"   # the caller's stream was closed, not left hanging
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGKILL)
-            proc.wait(5)
+        reap(proc)

@@ -33,6 +33,7 @@ from .support import (
     free_port,
     new_call_sid,
     place_call,
+    reap,
     running_bridge,
     start_serve,
 )
@@ -342,9 +343,7 @@ def test_an_instance_killed_mid_call_its_calls_end_with_the_reason_and_the_other
         settle(lambda: sims.ended(ended.vapi_call_id), timeout=5)   # the Vapi side was ended too
     finally:
         for proc in (proc_a, proc_b):
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGKILL)
-                proc.wait(5)
+            reap(proc)
 
 
 def test_a_vapi_retry_on_the_other_instance_is_applied_once(sims, prefix):

@@ -449,7 +449,7 @@ def test_sim_command_runs_until_interrupted(tmp_path, stop):
         assert "simulators stopped" in process.stderr.read()
     finally:
         process.kill()
-        process.wait()
+        process.communicate()   # and close its pipes
 
 
 def test_sim_command_prints_evaluable_settings_without_echoing_user_secrets():

@@ -25,7 +25,7 @@ from twivapi_cli.store.memory import MemoryStore
 from twivapi_cli.ui import tail_view
 
 from .sims import running_sims
-from .support import PUBLIC, TOKEN, VAPI_KEY, VAPI_SECRET, bridge_settings, new_call_sid, running_bridge
+from .support import PUBLIC, TOKEN, VAPI_KEY, VAPI_SECRET, bridge_settings, new_call_sid, reap, running_bridge
 
 ADMIN_TOKEN = "admin-token-for-tests"
 runner = CliRunner()
@@ -193,8 +193,7 @@ def test_serve_records_admin_address_0600_and_tail_reconnects_after_a_restart(tm
             if isinstance(item, lib.Notice):
                 notices.append(item.kind)
                 if notices == ["connected"]:
-                    proc.send_signal(signal.SIGTERM)
-                    await asyncio.to_thread(proc.wait, 10)
+                    await asyncio.to_thread(reap, proc, signal.SIGTERM)
                     proc = await asyncio.to_thread(start)
                 elif notices.count("connected") == 2:
                     break
@@ -204,7 +203,6 @@ def test_serve_records_admin_address_0600_and_tail_reconnects_after_a_restart(tm
     try:
         notices = asyncio.run(asyncio.wait_for(follow_across_restart(), 30))
     finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(10)
+        reap(proc, signal.SIGTERM)
     assert notices[0] == "connected" and "disconnected" in notices and notices[-1] == "connected"
     assert not (state / "bridge.json").exists()   # removed on a clean exit
