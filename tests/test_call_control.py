@@ -128,6 +128,37 @@ def test_a_transfer_without_a_tool_destination_is_answered_from_the_settings(sim
     ended_cleanly(sims, bridge, result.call_sid, "forwarded", "assistant-forwarded-call")
 
 
+def test_the_transfer_fixture_replays_and_redirects_the_twilio_call():
+    from pathlib import Path
+
+    from twivapi_cli import fixtures
+    from twivapi_cli.replay import InProcess, Runner
+
+    env = InProcess()
+    try:
+        fixture = fixtures.load(Path(__file__).parent.parent / "fixtures" / "transfer.json")
+        server, url = env.bridge(fixture)
+
+        async def run():
+            runner = Runner(url, env.creds, on_call=env.register_call)
+            try:
+                return await runner.run(fixture)
+            finally:
+                await runner.aclose()
+        try:
+            result = asyncio.run(run())
+        finally:
+            server.stop()
+        assert result.ok, [(s.label, s.problems) for s in result.steps if not s.ok]
+        redirected = [c for c in env.state.twilio.calls.values() if c.twiml]
+        assert len(redirected) == 1   # the Calls update the bridge made through the twilio SDK
+        assert '<Dial callerId="+15551230001"><Number>+14155550199</Number></Dial>' in redirected[0].twiml
+        assert [u.kind for u in redirected[0].hub.history] == ["redirect"]
+        assert all(c.status == "ended" for c in env.state.vapi.calls.values())   # the Vapi side too
+    finally:
+        env.close()
+
+
 # --- bad input -------------------------------------------------------------------------------------
 
 def test_a_bad_destination_is_refused_and_the_call_goes_on(sims, line):
