@@ -144,7 +144,6 @@ async def run_demo(workdir: Path | None = None, progress: Callable[[str], None] 
 
 async def _place_calls(state, sims, bridge, app, number: str, progress) -> list[CallReport]:
     from .sim.twilio_caller import CallerPlan, SimulatedCaller
-
     from .sim.twilio_dial import Person
     from .sim.vapi_assistant import TRANSFER_HZ
 
