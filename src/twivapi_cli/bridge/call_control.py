@@ -36,6 +36,7 @@ from .events import Recorder
 log = logging.getLogger("twivapi.bridge")
 
 DEFAULT_API = "https://api.twilio.com"
+TWILIO_TIMEOUT = 10.0                # seconds a Calls update may take: the call's queue waits on it
 FORWARDED = "forwarded"              # the session's ended_reason after a forward
 HUNG_UP = "assistant-hung-up"        # ... after the assistant's hang-up
 
@@ -53,8 +54,10 @@ class TwilioCalls:
     def _sdk(self) -> Any:
         if self._client is None:
             self.settings.require("twilio_account_sid", "twilio_auth_token")
+            from twilio.http.http_client import TwilioHttpClient
             from twilio.rest import Client
-            client = Client(self.settings.twilio_account_sid, revealed(self.settings.twilio_auth_token))
+            client = Client(self.settings.twilio_account_sid, revealed(self.settings.twilio_auth_token),
+                            http_client=TwilioHttpClient(timeout=TWILIO_TIMEOUT))
             if self.settings.twilio_api_base_url != DEFAULT_API:
                 client.api.base_url = self.settings.twilio_api_base_url   # the SDK's documented override
             self._client = client
