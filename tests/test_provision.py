@@ -392,3 +392,16 @@ def test_a_reused_number_bound_elsewhere_is_unbound_shown_in_the_plan_and_bound_
     assert torn.exit_code == 0 and "back to its" in torn.output, torn.output
     restored = sims.state.twilio.numbers[number.sid]
     assert restored[binding] == target and restored["voice_url"] == "https://old.example.test/voice"
+
+
+def test_stream_mode_asks_vapi_for_phone_call_control_and_other_modes_do_not(sims, env):
+    """Vapi cannot transfer or hang up a stream-mode call (the bridge owns the Twilio call): the
+    assistant asks for phone-call-control (and transfer-destination-request), on top of its own list."""
+    assert provision(env, "--mode", "stream", "--yes").exit_code == 0
+    assistant = sims.state.vapi.assistants[state(env)["assistant"]["id"]]
+    assert {"phone-call-control", "transfer-destination-request", "tool-calls"} <= set(assistant["serverMessages"])
+    assert len(assistant["serverMessages"]) == len(set(assistant["serverMessages"]))
+    assert runner.invoke(app, ["teardown", "--yes"], env=env).exit_code == 0
+    assert provision(env, "--mode", "native", "--yes").exit_code == 0
+    native = sims.state.vapi.assistants[state(env)["assistant"]["id"]]
+    assert "phone-call-control" not in native["serverMessages"]   # Vapi owns a native call: it transfers itself

@@ -70,7 +70,7 @@ def test_every_bundled_fixture_passes_against_the_bridge_in_process():
     names = {line["fixture"] for line in lines}
     assert names == {"inbound_call", "barge_in", "rapid_interruptions", "hangup_before_ready",
                      "status_callbacks_out_of_order", "duplicate_webhook_retry", "tool_call",
-                     "end_of_call_report", "bad_signature", "bypass_mode", "backchannel"}
+                     "end_of_call_report", "bad_signature", "bypass_mode", "backchannel", "transfer"}
     assert all(line["ok"] for line in lines)
 
 

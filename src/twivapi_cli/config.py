@@ -200,6 +200,35 @@ def _port(value: str) -> int:
     return number
 
 
+E164 = re.compile(r"\+[1-9]\d{6,14}")
+SIP_URI = re.compile(r"sips?:[^\s@]+@[^\s@]+|sips?:[^\s@]+", re.IGNORECASE)
+
+
+def destination_problem(value: str) -> str | None:
+    """Why ``value`` is no transfer destination (an E.164 number or a sip: URI), or None."""
+    if E164.fullmatch(value) or SIP_URI.fullmatch(value):
+        return None
+    return f"{value!r} is neither an E.164 number (+14155550100) nor a SIP URI (sip:agent@example.com)"
+
+
+def _destinations(value: str) -> tuple[tuple[str, str], ...]:
+    """``name=destination`` pairs, comma-separated; a destination is an E.164 number or a sip: URI."""
+    pairs: list[tuple[str, str]] = []
+    for item in (part.strip() for part in value.split(",")):
+        name, sep, destination = item.partition("=")
+        name, destination = name.strip(), destination.strip()
+        if not sep or not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
+            raise ValueError(f"{item!r} is not name=destination (e.g. sales=+14155550100,"
+                             "support=sip:support@example.com)")
+        problem = destination_problem(destination)
+        if problem:
+            raise ValueError(f"{name}: {problem}")
+        if name in dict(pairs):
+            raise ValueError(f"{name} is listed twice")
+        pairs.append((name, destination))
+    return tuple(pairs)
+
+
 @dataclass(frozen=True)
 class Setting:
     attr: str
@@ -298,6 +327,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("body_timeout", "TWIVAPI_BODY_TIMEOUT", 10.0,
             "Seconds a request's body may take to arrive; a client that stalls mid-body gets a 408 and "
             "the connection is closed (Twilio and Vapi send theirs in milliseconds).", _positive_float),
+    Setting("transfer_destinations", "TWIVAPI_TRANSFER_DESTINATIONS", None,
+            "Where transfer-destination-request sends callers: name=destination pairs, comma-separated "
+            "(sales=+14155550100,support=sip:support@example.com); the one named default, else the first.",
+            _destinations),
     Setting("ngrok_authtoken", "NGROK_AUTHTOKEN", None, "ngrok auth token for `serve --tunnel`.",
             secret=True),
     Setting("ngrok_path", "TWIVAPI_NGROK_PATH", None,
@@ -350,6 +383,7 @@ class Settings:
     drain_timeout: float = 25.0
     stream_start_timeout: float = 15.0
     body_timeout: float = 10.0
+    transfer_destinations: tuple[tuple[str, str], ...] = ()
     ngrok_authtoken: Secret | None = None
     ngrok_path: str | None = None
     ngrok_install: bool = False

@@ -2,12 +2,14 @@
 
 Starts the Twilio and Vapi simulators, provisions through the real clients (the twilio SDK buys a
 number and points it at the bridge; httpx creates the assistant), starts the bridge (stream mode,
-SQLite), places four simulated calls and checks what happened on each:
+SQLite), places five simulated calls and checks what happened on each:
 
     normal        the caller listens to the greeting and hangs up
     barge-in      the caller talks over the greeting: clear, no stale audio, a reply
     hangup-early  the caller hangs up while Vapi is still creating the call (the seed's race)
     tool-call     the caller asks something; the assistant calls a tool through the bridge
+    transfer      the caller asks for a person; the assistant's transferCall becomes phone-call-control,
+                  the bridge redirects the Twilio call to <Dial> (twilio SDK), the person answers
 
 Library only: returns a ``DemoReport``; the command renders it.
 """
@@ -27,6 +29,7 @@ from .config import Secret, Settings
 from .models import Mode
 
 GREETING_MS = 2000
+SUPPORT_NUMBER = "+14155550199"   # where the demo's transfer goes: the simulated person's number
 
 
 @dataclass
@@ -60,8 +63,10 @@ def report_document(report: DemoReport) -> dict[str, Any]:
                       for call in report.calls]}
 
 
-def _speech(silence_ms: int, voice_ms: int) -> bytes:
-    voice = audio.pcm16_to_ulaw(audio.tone(300.0, voice_ms, rate=8000, amplitude=0.5))
+def _speech(silence_ms: int, voice_ms: int, hz: float = 300.0) -> bytes:
+    """The simulated caller speaking after ``silence_ms``; the tone stands for what is said (300 Hz:
+    anything, ``vapi_assistant.TRANSFER_HZ``: "transfer me")."""
+    voice = audio.pcm16_to_ulaw(audio.tone(hz, voice_ms, rate=8000, amplitude=0.5))
     return audio.silence_mulaw(silence_ms) + voice
 
 
@@ -82,11 +87,13 @@ ASSISTANT = {
               "messages": [{"role": "system", "content": "You are a helpful assistant."}],
               "tools": [{"type": "function", "function": {
                   "name": "lookup_order", "description": "Look up an order",
-                  "parameters": {"type": "object", "properties": {"order_id": {"type": "string"}}}}}]},
+                  "parameters": {"type": "object", "properties": {"order_id": {"type": "string"}}}}},
+                  {"type": "transferCall", "destinations": [
+                      {"type": "number", "number": SUPPORT_NUMBER, "message": "Transferring you to support."}]}]},
     "voice": {"provider": "11labs", "voiceId": "cgSgspJ2msm6clMCkdW9"},
     "transcriber": {"provider": "deepgram", "model": "nova-2", "language": "en"},
     "serverMessages": ["status-update", "speech-update", "transcript", "conversation-update", "tool-calls",
-                       "end-of-call-report", "hang", "user-interrupted"],
+                       "end-of-call-report", "hang", "user-interrupted", "phone-call-control"],
     "metadata": {"simulator": {"greeting_ms": GREETING_MS, "reply_ms": 600, "model_latency_ms": 120}},
 }
 
@@ -137,15 +144,18 @@ async def run_demo(workdir: Path | None = None, progress: Callable[[str], None] 
 
 async def _place_calls(state, sims, bridge, app, number: str, progress) -> list[CallReport]:
     from .sim.twilio_caller import CallerPlan, SimulatedCaller
+    from .sim.twilio_dial import Person
+    from .sim.vapi_assistant import TRANSFER_HZ
 
-    caller = SimulatedCaller(state.credentials.auth_token, state.credentials.account_sid)
+    caller = SimulatedCaller(state.credentials.auth_token, state.credentials.account_sid, state=state.twilio,
+                             person=Person(speech_ms=1000))
 
     async def dial(name: str, plan: CallerPlan, from_: str):
         call = state.twilio.start_inbound_call(to=number, from_=from_)
         progress(f"calling: {name} ({call.sid})")
         result = await caller.call(call.url, from_=from_, to=number, plan=plan, call_sid=call.sid,
                                    status_callback=call.status_callback,
-                                   status_callback_events=call.status_callback_events)
+                                   status_callback_events=call.status_callback_events, sim_call=call)
         return name, result
 
     try:
@@ -159,10 +169,13 @@ async def _place_calls(state, sims, bridge, app, number: str, progress) -> list[
                  "+15550100002"),
             dial("tool-call", CallerPlan(audio=_speech(GREETING_MS + 300, 500),
                                          hangup_after_s=GREETING_MS / 1000 + 2.2), "+15550100003")))
+        # the transfer after them, alone: the barge-in call's timing checks stay as they were
+        results.append(await dial("transfer", CallerPlan(audio=_speech(GREETING_MS + 300, 500, TRANSFER_HZ),
+                                                         hangup_after_s=GREETING_MS / 1000 + 6), "+15550100005"))
         await asyncio.sleep(0.5)  # end-of-call reports land
     finally:
         await caller.aclose()
-    order = ["normal", "barge-in", "hangup-early", "tool-call"]
+    order = ["normal", "barge-in", "hangup-early", "tool-call", "transfer"]
     results.sort(key=lambda r: order.index(r[0]))
     return [_judge(name, result, state, bridge, app) for name, result in results]
 
@@ -212,6 +225,8 @@ def _judge(name: str, result, state, bridge, app) -> CallReport:
         answer = results[0][0] if results and results[0] else {}
         checks += [("tool answered", answer.get("result") == "order A1 is shipped"),
                    ("reply heard", len(result.heard) >= 8 * (GREETING_MS + 400))]
+    elif name == "transfer":
+        checks += _transfer_checks(result, state, by_type, session)
     timeline = [(t, kind) for t, kind, _ in result.timeline]
     return CallReport(name, result.call_sid, all(ok for _, ok in checks), checks, figures, timeline)
 
@@ -225,3 +240,19 @@ def _stale_after_clear(result) -> bool | None:
         return False
     pcm = audio.ulaw_to_pcm16(after)
     return audio.tone_level_db(pcm, 440.0, 8000) > audio.tone_level_db(pcm, 660.0, 8000) - 20
+
+
+def _transfer_checks(result, state, by_type: dict, session) -> list[tuple[str, bool]]:
+    """The caller ends up talking to the person; the Vapi side and the media stream ended cleanly."""
+    from .sim.twilio_dial import PERSON_HZ
+    redirected = [u for u in result.rest_updates if u.kind == "redirect" and "<Dial" in (u.twiml or "")]
+    leg = result.dialed[0] if result.dialed else None
+    heard = bytes(result.heard[result.dial_positions[0]:]) if result.dial_positions else b""
+    pcm = audio.ulaw_to_pcm16(heard)
+    person = len(heard) >= 8 * 500 and audio.tone_level_db(pcm, PERSON_HZ, 8000) > audio.tone_level_db(pcm, 440.0, 8000) + 20
+    vapi_ids = [e.data.get("vapi_call_id") for e in by_type.get("vapi.call-created", [])]
+    vapi_ended = bool(vapi_ids) and all(state.vapi.calls[v].status == "ended" for v in vapi_ids if v in state.vapi.calls)
+    return [("redirected to <Dial> (twilio SDK)", len(redirected) == 1),
+            ("person answered and was heard", leg is not None and leg.status == "completed" and person),
+            ("session ended as forwarded", session is not None and session.ended_reason == "forwarded"),
+            ("Vapi side and media stream ended", vapi_ended and bool(by_type.get("media.stop")))]

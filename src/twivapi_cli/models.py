@@ -198,6 +198,10 @@ class EventType:
     MEDIA_DTMF = "media.dtmf"
     MEDIA_NEVER_STARTED = "media.never-started"
     BRIDGE_RECOVERED = "bridge.recovered"
+    CALL_FORWARDED = "call.forwarded"                 # phone-call-control forward: the Twilio call redirected to <Dial>
+    CALL_HUNG_UP = "call.hung-up"                     # phone-call-control hang-up: the Twilio call completed
+    CALL_CONTROL_REFUSED = "call.control-refused"     # not carried out (a bad destination, a call already over)
+    CALL_CONTROL_FAILED = "call.control-failed"       # Twilio refused it (its status and code)
 
     @staticmethod
     def vapi_message(kind: str) -> str:

@@ -28,6 +28,9 @@ from .errors import ApiError, ConfigError, TwilioApiError, UsageError, VapiApiEr
 STATE_FILE = "provision.json"
 SERVER_MESSAGES = ["status-update", "speech-update", "transcript", "conversation-update", "tool-calls",
                    "end-of-call-report", "hang", "user-interrupted", "model-output"]
+# stream mode: Vapi cannot transfer or hang up a Twilio call it does not own; with phone-call-control
+# requested it hands both to the bridge (bridge/call_control.py), which also answers transfer-destination-request
+CALL_CONTROL_MESSAGES = ["phone-call-control", "transfer-destination-request"]
 WEBHOOK_FIELDS = ("voice_url", "voice_method", "status_callback", "status_callback_method")
 # A number bound to a TwiML App (voice_application_sid) or a SIP trunk (trunk_sid) never calls its
 # voice URL: Twilio routes its calls to the app's voice URL or to the trunk instead.
@@ -218,6 +221,9 @@ async def plan(accounts: Accounts, options: Options, state: State) -> Plan:
         actions.append(await _buy_action(accounts, options, state))
     assistant_body = {**default_assistant(options.assistant_name), **(options.assistant or {}),
                       "name": options.assistant_name}
+    if options.mode == "stream":
+        listed = list(assistant_body.get("serverMessages") or [])
+        assistant_body["serverMessages"] = listed + [m for m in CALL_CONTROL_MESSAGES if m not in listed]
     if public:
         server: dict[str, Any] = {"url": f"{public}/vapi/webhook", "timeoutSeconds": 20}
         if settings.vapi_webhook_secret:

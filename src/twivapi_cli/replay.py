@@ -13,7 +13,7 @@ import json
 import time
 import uuid
 import xml.etree.ElementTree as ET
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -182,8 +182,10 @@ class MediaSession:
 class Runner:
     def __init__(self, target: str, creds: Credentials, *, public_url: str | None = None,
                  overrides: dict[str, str] | None = None, client: httpx.AsyncClient | None = None,
-                 base_dir: Path | None = None, routes: Mapping[str, str] | None = None):
+                 base_dir: Path | None = None, routes: Mapping[str, str] | None = None,
+                 on_call: Callable[[dict[str, str]], None] | None = None):
         self.target = target.rstrip("/")
+        self.on_call = on_call   # told each run's variables (its CallSid) before its first step
         # Route name -> the target's path for it (only what was mapped). None: no mapping in use
         # (--in-process: our own bridge), so a 404 gets no "map it with --route" hint.
         self.routes = dict(routes) if routes is not None else None
@@ -212,6 +214,8 @@ class Runner:
 
     async def run(self, fixture: Fixture, path: str = "", run: int = 0) -> FixtureResult:
         variables = self.variables(fixture)
+        if self.on_call is not None:
+            self.on_call(variables)
         media: MediaSession | None = None
         results: list[StepResult] = []
         started = previous_end = time.monotonic()
@@ -526,6 +530,9 @@ def percentiles(results: list[FixtureResult]) -> list[dict]:
     return rows
 
 
+TRANSFER_DESTINATIONS = (("default", "+14155550199"),)   # what an in-process bridge answers transfer requests with
+
+
 class InProcess:
     """--in-process: the simulators, and per fixture a bridge in the fixture's mode with an assistant
     that behaves as the fixture asks; the simulated assistant plays Vapi's side of media steps."""
@@ -559,6 +566,15 @@ class InProcess:
                 "twilioAuthToken": self.state.credentials.auth_token})["id"]
         return self._number_id
 
+    def register_call(self, variables: dict[str, str]) -> None:
+        """A run's call exists in the Twilio simulator, as a live call does in Twilio, so the bridge's
+        call control (Calls update: a transfer's <Dial>, a hang-up) finds it. Nobody follows its
+        updates: the replay's socket plays the media stream, and the bridge closes it."""
+        from .sim.state import SimCall
+        self.state.twilio.add_call(SimCall(
+            sid=variables["call_sid"], account_sid=self.state.credentials.account_sid, to=variables["call.to"],
+            from_=variables["call.from"], direction="inbound", status="in-progress"))
+
     def bridge(self, fixture: Fixture):
         """A started bridge for this fixture: (RunningServer, its URL)."""
         from .bridge.app import create_app
@@ -579,6 +595,7 @@ class InProcess:
             "metadata": {"simulator": simulator_script(fixture)}})
         creds = self.state.credentials
         settings = Settings(twilio_account_sid=creds.account_sid, twilio_auth_token=Secret(creds.auth_token),
+                            twilio_api_base_url=self.sims.twilio_url, transfer_destinations=TRANSFER_DESTINATIONS,
                             vapi_api_key=Secret(creds.vapi_api_key), vapi_base_url=self.sims.vapi_url,
                             vapi_webhook_secret=Secret(self.state.vapi.webhook_secret or ""),
                             vapi_assistant_id=assistant["id"], public_url=public, mode=Mode(fixture.mode),

@@ -114,7 +114,8 @@ async def run_replay(paths: list[Path], settings: Settings, *, target: str | Non
             for path, fixture in loaded:
                 server, url = await asyncio.to_thread(env.bridge, fixture)
                 try:
-                    results += await _runs(url, None, env.creds, overrides, path, fixture, concurrency, repeat, as_json)
+                    results += await _runs(url, None, env.creds, overrides, path, fixture, concurrency, repeat, as_json,
+                                           on_call=env.register_call)
                 finally:
                     await asyncio.to_thread(server.stop)
         finally:
@@ -131,8 +132,9 @@ async def run_replay(paths: list[Path], settings: Settings, *, target: str | Non
 
 
 async def _runs(target, public_url, creds, overrides, path: Path, fixture, concurrency: int, repeat: int,
-                as_json: bool, routes: Mapping[str, str] | None = None) -> list[FixtureResult]:
-    runner = Runner(target, creds, public_url=public_url, overrides=overrides, base_dir=path.parent, routes=routes)
+                as_json: bool, routes: Mapping[str, str] | None = None, on_call=None) -> list[FixtureResult]:
+    runner = Runner(target, creds, public_url=public_url, overrides=overrides, base_dir=path.parent, routes=routes,
+                    on_call=on_call)
     gate = asyncio.Semaphore(concurrency)
     try:
         async def one(n: int) -> FixtureResult:

@@ -13,11 +13,13 @@ provision state file first, so they are restored on exit, and on the next start 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import shutil
+import socket
 import subprocess
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -35,6 +37,23 @@ REWIRED = "tunnel_rewired"   # the provision state file's record of what the tun
 class Tunnel:
     public_url: str
     close: Callable[[], None]
+
+
+@dataclass(frozen=True)
+class WebhookPaths:
+    """Where a server takes Twilio's voice webhook, its status callbacks and Vapi's server messages:
+    our bridge's paths by default, a user's own server's with ``twivapi tunnel --voice-path ...``."""
+    voice: str = "/twilio/voice"
+    status: str = "/twilio/status"
+    vapi: str = "/vapi/webhook"
+
+    def check(self) -> WebhookPaths:
+        """Each path must start with ``/`` (UsageError naming the flag otherwise)."""
+        from .errors import UsageError
+        for flag, path in (("--voice-path", self.voice), ("--status-path", self.status), ("--vapi-path", self.vapi)):
+            if not path.startswith("/") or any(c.isspace() for c in path):
+                raise UsageError(f"{flag} {path!r}: a path starts with / and has no spaces (e.g. /twilio/voice)")
+        return self
 
 
 DOWNLOAD_PAGE = "https://ngrok.com/download"
@@ -205,8 +224,9 @@ def open_tunnel(settings: Settings, port: int, *, ngrok_path: str | None = None)
     return Tunnel(public, close)
 
 
-async def rewire(settings: Settings, public_url: str) -> bool:
-    """Point the provisioned number and assistant at ``public_url``; False if nothing is provisioned."""
+async def rewire(settings: Settings, public_url: str, paths: WebhookPaths = WebhookPaths()) -> bool:
+    """Point the provisioned number and assistant at ``public_url`` (plus ``paths``); False if
+    nothing is provisioned."""
     from . import provision
     state = provision.State.load(settings.state_dir)
     number, assistant = state.data.get("number") or {}, state.data.get("assistant") or {}
@@ -224,9 +244,9 @@ async def rewire(settings: Settings, public_url: str) -> bool:
         state.data[REWIRED] = record
         state.save()   # before changing anything: a crash from here on is undone at the next start
         await accounts.tw("pointing the number at the tunnel", accounts.twilio.incoming_phone_numbers(number["sid"]).update,
-                          voice_url=f"{public_url}/twilio/voice", status_callback=f"{public_url}/twilio/status")
+                          voice_url=public_url + paths.voice, status_callback=public_url + paths.status)
         if assistant.get("id"):
-            await _set_server_url(accounts, assistant["id"], f"{public_url}/vapi/webhook")
+            await _set_server_url(accounts, assistant["id"], public_url + paths.vapi)
     finally:
         await accounts.aclose()
     return True
@@ -261,3 +281,59 @@ async def restore(settings: Settings) -> bool:
 
 def restore_sync(settings: Settings) -> bool:
     return asyncio.run(restore(settings))
+
+
+@contextlib.contextmanager
+def tunneled(settings: Settings, port: int, *, ask: Callable[[str], bool] | None, announce: Callable[[str], None],
+             paths: WebhookPaths = WebhookPaths(), what: str = "bridge") -> Iterator[Tunnel]:
+    """``serve --tunnel`` and ``twivapi tunnel``: ngrok for ``port`` (installed first when allowed,
+    ``ensure_ngrok``), the provisioned number and assistant pointed at it (``paths`` on the tunnel's
+    URL) until the block ends, then restored and the tunnel closed, however it ends. A previous
+    session that crashed is restored first."""
+    require_authtoken(settings)   # before offering a download that would be of no use yet
+    ngrok_path = ensure_ngrok(settings, ask=ask, announce=announce)
+    restore_sync(settings)
+    tunnel = open_tunnel(settings, port, ngrok_path=ngrok_path)
+    announce(f"tunnel: {tunnel.public_url} -> http://{settings.host}:{port}")
+    try:
+        if asyncio.run(rewire(settings, tunnel.public_url, paths)):
+            announce(f"the provisioned number and assistant point at the tunnel until this {what} stops")
+        yield tunnel
+    finally:
+        try:
+            if restore_sync(settings):
+                announce("restored the number's and the assistant's previous URLs")
+        finally:
+            tunnel.close()
+
+
+def listening(host: str, port: int, timeout: float = 1.0) -> bool:
+    """Whether something accepts TCP connections on ``host:port`` (a loopback probe, nothing sent)."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def expose(settings: Settings, port: int, paths: WebhookPaths, *, ask: Callable[[str], bool] | None,
+           announce: Callable[[str], None], wait: Callable[[str], None]) -> str:
+    """``twivapi tunnel``: the same tunnel and rewiring as ``serve --tunnel``, for a server of the
+    user's own on ``port`` (its webhooks at ``paths``), until ``wait(url)`` returns; returns the URL.
+    Nothing listening on the port yet is a warning, not an error: the server may start after."""
+    from .errors import UsageError
+    if not 1 <= port <= 65535:
+        raise UsageError(f"--port {port}: a TCP port is 1-65535")
+    paths.check()
+    if not listening("127.0.0.1", port):
+        announce(f"twivapi: warning: nothing listens on 127.0.0.1:{port} yet; the tunnel opens anyway, and ngrok "
+                 "answers 502 until your server listens there")
+    with tunneled(settings, port, ask=ask, announce=announce, paths=paths, what="tunnel") as tunnel:
+        url = tunnel.public_url
+        announce(f"  Twilio voice webhook: {url}{paths.voice}\n  Twilio status callback: {url}{paths.status}\n"
+                 f"  Vapi server URL: {url}{paths.vapi}")
+        announce(f"  replay against it: twivapi replay fixtures/ --target {url} --route twilio.voice={paths.voice} "
+                 f"--route twilio.status={paths.status} --route vapi={paths.vapi}")
+        announce("Ctrl-C (or SIGTERM) stops the tunnel and puts the previous URLs back")
+        wait(url)
+    return url

@@ -5,7 +5,7 @@ No module-level app and no environment reads. Everything the handlers need is on
 (``bridge/deps.py``), built here in dependency order, each part given what it uses through its
 constructor:
 
-    store, cluster ─> recorder ─> signals ─> calls ─> processor ─> drainer ─> setup ─> sweeper
+    store, cluster ─> recorder ─> signals ─> calls ─> control ─> processor ─> drainer ─> setup ─> sweeper
 
 Requests flow the other way: a webhook handler (twilio_hooks, vapi_hooks) or the media socket
 (media) acks first, then moves calls (calls), queues Vapi messages (drain) or starts a setup
@@ -35,6 +35,7 @@ from ..errors import StoreError
 from ..models import Mode
 from ..store import Store
 from . import media, twilio_hooks, vapi_hooks
+from .call_control import CallControl
 from .calls import Calls
 from .deps import Deps, deps
 from .drain import Drainer
@@ -125,12 +126,13 @@ def build_deps(settings: Settings, store: Store, cluster: Cluster, vapi: Any,
     recorder = Recorder(store, cluster)
     signals = Signals(store, cluster)
     calls = Calls(store, recorder, signals, vapi)
-    drainer = Drainer(cluster.queues, vapi_hooks.MessageProcessor(store, calls, signals, recorder), recorder)
+    control = CallControl(settings, calls, recorder)
+    drainer = Drainer(cluster.queues, vapi_hooks.MessageProcessor(store, calls, signals, recorder, control), recorder)
     setup = SetupPool(settings, store, calls, drainer, recorder, vapi)
     sweeper = Sweeper(settings, store, cluster, calls, setup, drainer, recorder)
     return Deps(settings=settings, store=store, cluster=cluster, vapi=vapi, recorder=recorder, signals=signals,
                 calls=calls, drainer=drainer, setup=setup, sweeper=sweeper, tools=tools or ToolRegistry.default(),
-                started=time.monotonic())
+                control=control, started=time.monotonic())
 
 
 def create_app(settings: Settings, store: Store, cluster: Cluster, vapi: Any, *, tools: ToolRegistry | None = None,
@@ -153,6 +155,7 @@ def create_app(settings: Settings, store: Store, cluster: Cluster, vapi: Any, *,
             await bridge.setup.stop()
             await bridge.drainer.stop()
             await bridge.calls.stop()
+            await bridge.control.aclose()
             await cluster.close()
             await vapi.aclose()
             await store.close()

@@ -48,6 +48,13 @@ class Calls:
         self.end_vapi_side(change.session)
         return True
 
+    async def move_to_end(self, call_sid: str, reason: str) -> Session | None:
+        """End a call's session now, its media socket and Vapi side left open: call control, where
+        Twilio ends the stream itself once told and the Vapi side is ended after (``end_vapi_side``).
+        None if the call was already over."""
+        change = await self.move(call_sid, Trigger.END, reason=reason)
+        return change.session if change.moved else None
+
     async def fail(self, call_sid: str, reason: str, *, durable: bool = True) -> bool:
         """Setup failed: the caller gets the fallback, and a media socket waiting for it gives up."""
         change = await self.move(call_sid, Trigger.FAIL, reason=reason, durable=durable)

@@ -11,6 +11,7 @@ from starlette.requests import HTTPConnection
 from ..cluster import Cluster
 from ..config import Settings
 from ..store import Store
+from .call_control import CallControl
 from .calls import Calls
 from .drain import Drainer
 from .events import Recorder
@@ -34,6 +35,7 @@ class Deps:
     setup: SetupPool
     sweeper: Sweeper
     tools: ToolRegistry
+    control: CallControl       # phone-call-control on the Twilio call (forward, hang-up)
     started: float             # time.monotonic() when the app was built (health's uptime)
     lifecycle: Lifecycle = field(default_factory=Lifecycle)   # draining or not
     http_counts: dict[tuple[str, int], int] = field(default_factory=dict)   # responses by (route, status)

@@ -21,6 +21,7 @@ from .. import signing
 from ..config import Settings, revealed
 from ..models import EventType, Session, SignalKind, Trigger
 from ..store import Store
+from .call_control import CallControl, transfer_destination
 from .calls import Calls
 from .deps import Deps, deps
 from .events import Recorder
@@ -191,8 +192,8 @@ async def _answer(app: Deps, kind: str, message: dict) -> dict | None:
             return {"result": result.get("result", result.get("error"))}
         return await app.tools.run(message)
     # the other request types, each answered as its ServerMessageResponse* schema asks
-    if kind == "transfer-destination-request":
-        return {"error": "No transfer destination is configured on this bridge."}
+    if kind == "transfer-destination-request":   # TWIVAPI_TRANSFER_DESTINATIONS (bridge/call_control.py)
+        return transfer_destination(app.settings)
     if kind == "handoff-destination-request":   # `destination` is required; with `error` no handoff is made
         return {"destination": {}, "error": "No handoff destination is configured on this bridge."}
     if kind == "knowledge-base-request":         # no documents: the model answers on its own
@@ -239,8 +240,10 @@ async def _session_for(store: Store, message: dict) -> Session | None:
 class MessageProcessor:
     """Applies queued messages for the drainer: one at a time per call, in order."""
 
-    def __init__(self, store: Store, calls: Calls, signals: Signals, recorder: Recorder):
+    def __init__(self, store: Store, calls: Calls, signals: Signals, recorder: Recorder,
+                 control: CallControl | None = None):
         self.store, self.calls, self.signals, self.recorder = store, calls, signals, recorder
+        self.control = control
 
     async def known(self, item: dict) -> bool:
         return await _session_for(self.store, item["message"]) is not None
@@ -272,6 +275,8 @@ class MessageProcessor:
             await self.calls.end(sid, str(message.get("endedReason") or "end-of-call-report"))
         elif kind == "user-interrupted":
             pass   # signalled on arrival (_interrupt_now)
+        elif kind == "phone-call-control" and self.control is not None:
+            await self.control.apply(message, session)   # forward / hang-up on the Twilio call
         elif kind == "speech-update":
             await self.signals.send(sid, SignalKind.SPEECH, {
                 "role": message.get("role"), "status": message.get("status"), "turn": message.get("turn"),

@@ -69,26 +69,14 @@ def _ask(question: str) -> bool:
 
 
 def _serve_tunneled(settings, log_level: str, announce, allow_ws: bool = False) -> None:
-    import asyncio
-
     from ..bridge.server import serve_forever
     from ..errors import UsageError
-    from ..tunnel import ensure_ngrok, open_tunnel, require_authtoken, restore_sync, rewire
+    from ..tunnel import tunneled
 
     if settings.port == 0:
         raise UsageError("--tunnel needs a fixed --port")
-    require_authtoken(settings)   # before offering a download that would be of no use yet
-    ngrok_path = ensure_ngrok(settings, ask=_ask if _on_a_terminal() else None, announce=announce)
-    restore_sync(settings)   # a previous session that crashed: put things back first
-    tunnel = open_tunnel(settings, settings.port, ngrok_path=ngrok_path)
-    settings = settings.with_overrides(public_url=tunnel.public_url)
-    announce(f"tunnel: {tunnel.public_url} -> http://{settings.host}:{settings.port}")
-    try:
+    ask = _ask if _on_a_terminal() else None
+    with tunneled(settings, settings.port, ask=ask, announce=announce) as tunnel:
+        settings = settings.with_overrides(public_url=tunnel.public_url)
         _check_public_url(settings, allow_ws, announce)   # ngrok's is https:// on 443: nothing to say
-        if asyncio.run(rewire(settings, tunnel.public_url)):
-            announce("the provisioned number and assistant point at the tunnel until this bridge stops")
         serve_forever(settings, log_level=log_level, announce=announce)
-    finally:
-        if restore_sync(settings):
-            announce("restored the number's and the assistant's previous URLs")
-        tunnel.close()

@@ -141,6 +141,7 @@ class SimCall:
     status_callback_method: str = "POST"
     status_callback_events: list[str] = field(default_factory=list)
     phone_number_sid: str | None = None
+    parent_call_sid: str | None = None       # a <Dial> leg's: the call that dialled it
     date_created: dt.datetime = field(default_factory=now)
     date_updated: dt.datetime = field(default_factory=now)
     start_time: dt.datetime | None = None

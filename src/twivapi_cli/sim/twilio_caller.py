@@ -28,7 +28,8 @@ import websockets
 
 from .. import net, signing, twilio_media
 from ..twilio_media import Clear, Connected, Dtmf, Mark, Media, Start, Stop
-from .state import now, rfc2822
+from .state import TERMINAL, CallUpdate, SimCall, TwilioState, now, rfc2822
+from .twilio_dial import Dialer, DialLeg, Person
 
 FRAME = 160            # 20 ms of mu-law
 FRAME_S = 0.02
@@ -57,6 +58,13 @@ class CallResult:
     errors: list[str] = field(default_factory=list)
     hung_up: bool = False     # the caller hung up (not the server closing the stream)
     started: float = field(default_factory=time.monotonic)
+    dialed: list[DialLeg] = field(default_factory=list)     # <Dial> legs, in order
+    dial_positions: list[int] = field(default_factory=list)  # len(heard) when each leg was answered
+    rest_updates: list[CallUpdate] = field(default_factory=list)   # Calls/{Sid}.json updates obeyed
+    # a REST update that ended the stream, for call() to obey next (redirect: its TwiML or URL)
+    pending: CallUpdate | None = field(default=None, repr=False)
+    updates: asyncio.Queue | None = field(default=None, repr=False)   # the SimCall's, while it is followed
+    dialer: Dialer | None = field(default=None, repr=False)
 
     def note(self, kind: str, data: Any = None) -> None:
         self.timeline.append((round(time.monotonic() - self.started, 4), kind, data))
@@ -163,8 +171,10 @@ class Player:
 
 class SimulatedCaller:
     def __init__(self, auth_token: str, account_sid: str = "AC" + "0" * 32, *,
-                 http: httpx.AsyncClient | None = None, faults: Any = None):
+                 http: httpx.AsyncClient | None = None, faults: Any = None, state: TwilioState | None = None,
+                 person: Person | None = None):
         self.token, self.account_sid = auth_token, account_sid
+        self.state, self.person = state, person   # <Dial>: the account's numbers and calls; who answers
         self.http = http or net.async_client(timeout=15.0)  # Twilio's 15 s cap
         self.faults = faults   # the Twilio simulator's Faults: webhook rules for status callbacks
         self._senders: dict[str, Callable] = {}
@@ -212,35 +222,60 @@ class SimulatedCaller:
     async def call(self, voice_url: str | None, *, from_: str = "+15551230001", to: str = "+15551230002",
                    plan: CallerPlan | None = None, status_callback: str | None = None,
                    call_sid: str | None = None, status_callback_events: Sequence[str] | None = None,
-                   result: CallResult | None = None) -> CallResult:
+                   sim_call: SimCall | None = None, result: CallResult | None = None) -> CallResult:
         """One call to ``voice_url``. Status callbacks go to ``status_callback`` as Twilio sends them
         (``SequenceNumber`` from 0, ``Timestamp``, ``CallbackSource``; ``CallDuration`` and
         ``Duration`` on the final one), for the ``status_callback_events`` asked (Twilio's
         ``StatusCallbackEvent`` names; default ``completed`` only, all a number's status callback
-        gets), plus the plan's ``progress_events``. Pass a ``result`` to watch the call while it runs."""
+        gets), plus the plan's ``progress_events``. ``sim_call``: the Twilio simulator's record of
+        this call, followed as Twilio follows its REST updates (``Calls/{Sid}.json``): a ``Twiml`` or
+        ``Url`` redirect ends the media stream (``stop``, then the socket closed; the ``<Connect
+        action>`` is not requested) and the new TwiML runs; ``Status=completed`` hangs up. Pass a
+        ``result`` to watch the call while it runs."""
         plan = plan or CallerPlan()
-        result = result or CallResult(call_sid or sid("CA"))
+        result = result or CallResult(call_sid or (sim_call.sid if sim_call else sid("CA")))
         params = self.voice_params(result.call_sid, from_, to)
+        if sim_call is not None:
+            result.updates = sim_call.subscribe()
+        result.dialer = Dialer(params, result.heard.extend, lambda url, p: self.post_status(url, p, result),
+                               state=self.state, person=self.person)
         events = list(status_callback_events or ["completed"])
         progress = [PROGRESS_STATUS[e] for e in events if e in PROGRESS_STATUS]
         progress += [status for status in plan.progress_events if status not in progress]
         callbacks = CallbackCounter()
         answered_at = result.started
         url: str | None = voice_url
+        twiml: str | None = None   # a REST update's TwiML, run without fetching anything
         first = True
-        while url:
-            response = await self.post(url, params, result)
-            result.note("webhook", {"url": url, "status": response.status_code})
-            if response.status_code != 200:
-                result.errors.append(f"{url} answered {response.status_code}")
-                result.status = "failed"
-                break
-            if first and status_callback:
+        while url or twiml:
+            if twiml is None:
+                assert url is not None
+                response = await self.post(url, {**params, **result.dialer.action_params}, result)
+                result.dialer.action_params = {}
+                result.note("webhook", {"url": url, "status": response.status_code})
+                if response.status_code != 200:
+                    result.errors.append(f"{url} answered {response.status_code}")
+                    result.status = "failed"
+                    break
+                twiml = response.text
+            if first:
                 answered_at = time.monotonic()
+                if sim_call is not None:
+                    sim_call.set_status("in-progress")
                 for status in progress:
-                    await self.post_status(status_callback, callbacks.params({**params, "CallStatus": status}), result)
+                    if status_callback:
+                        await self.post_status(status_callback, callbacks.params({**params, "CallStatus": status}),
+                                               result)
             first = False
-            url = await self.obey(response.text, result, plan)
+            url, twiml = await self.obey(twiml, result, plan), None
+            update, result.pending = result.pending, None
+            if update is not None:   # the server changed the call over REST while it streamed
+                if update.kind == "status":
+                    result.status = "completed"
+                    break
+                url, twiml = (None, update.twiml) if update.twiml else (update.url, None)
+                params = {**params, "CallStatus": "in-progress"}
+                continue
             if result.hung_up:   # the <Connect action> is still requested, with the final status; its answer is moot
                 if url:
                     final_action = await self.post(url, {**params, "CallStatus": result.status}, result)
@@ -252,6 +287,8 @@ class SimulatedCaller:
             final = {**params, "CallStatus": result.status, "CallDuration": str(seconds),
                      "Duration": str(math.ceil(seconds / 60))}   # Duration: billed minutes
             await self.post_status(status_callback, callbacks.params(final), result)
+        if sim_call is not None and sim_call.status not in TERMINAL:
+            sim_call.set_status(result.status)
         result.note("ended", result.status)
         return result
 
@@ -284,12 +321,34 @@ class SimulatedCaller:
                 if stream is not None:
                     custom = {p.get("name"): p.get("value") for p in stream.findall("Parameter")}
                     await self.stream(stream.get("url", ""), custom, result, plan)
+                if result.pending is not None:   # redirected or hung up over REST: no <Connect action>
+                    return None
                 action = verb.get("action")
+                if action:
+                    return action
+            elif verb.tag == "Dial":
+                action = await self.dial(verb, result)
                 if action:
                     return action
             else:
                 result.errors.append(f"12200 unsupported verb <{verb.tag}>")
         return None
+
+    async def dial(self, verb: ET.Element, result: CallResult) -> str | None:
+        """``<Dial>``: a leg to the simulated person (``twilio_dial``); its ``action`` URL, if any."""
+        dialer = result.dialer or Dialer({"CallSid": result.call_sid}, result.heard.extend,
+                                         lambda url, p: self.post_status(url, p, result), state=self.state)
+        result.dial_positions.append(len(result.heard))
+        result.note("dial", verb.findtext("Number") or verb.findtext("Sip") or verb.text)
+        leg, action_params = await dialer.dial(verb)
+        result.dialed.append(leg)
+        if leg.error:
+            result.errors.append(leg.error)
+        result.note("dial-ended", leg.status)
+        action = verb.get("action")
+        if action:
+            dialer.action_params = action_params
+        return action
 
     # --- Media Streams ----------------------------------------------------------------------------
     async def stream(self, url: str, custom: dict, result: CallResult, plan: CallerPlan) -> None:
@@ -328,6 +387,8 @@ class SimulatedCaller:
         result.note("stream-start", stream_sid)
         tasks = [asyncio.create_task(player.run()),
                  asyncio.create_task(self._speak(send, stream_sid, plan, result, ws))]
+        if result.updates is not None:
+            tasks.append(asyncio.create_task(self._follow(result, send, stream_sid, ws)))
         try:
             async for raw in ws:
                 await self._on_server_message(raw, player, result)
@@ -339,6 +400,17 @@ class SimulatedCaller:
             await asyncio.gather(*tasks, return_exceptions=True)
             await ws.close()
         result.note("stream-closed")
+
+    async def _follow(self, result: CallResult, send, stream_sid: str, ws) -> None:
+        """A REST update of the call while it streams: Twilio ends the stream (``stop``, the socket
+        closed) and goes where the update says (``call`` obeys ``result.pending``)."""
+        assert result.updates is not None
+        update = await result.updates.get()
+        result.rest_updates.append(update)
+        result.pending = update
+        result.note("rest-update", update.kind)
+        await send(Stop(stream_sid, call_sid=result.call_sid, account_sid=self.account_sid))
+        await ws.close()
 
     async def _on_server_message(self, raw: Any, player: Player, result: CallResult) -> None:
         try:

@@ -27,6 +27,7 @@ import base64
 import binascii
 import hmac
 import re
+import xml.etree.ElementTree as ET
 from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit
@@ -299,7 +300,7 @@ def call_json(call: SimCall) -> dict:
         "caller_name": None, "date_created": rfc2822(call.date_created), "date_updated": rfc2822(call.date_updated),
         "direction": call.direction, "duration": call.duration, "end_time": rfc2822(call.end_time),
         "forwarded_from": None, "from": call.from_, "from_formatted": formatted(call.from_),
-        "group_sid": None, "parent_call_sid": None, "phone_number_sid": call.phone_number_sid,
+        "group_sid": None, "parent_call_sid": call.parent_call_sid, "phone_number_sid": call.phone_number_sid,
         "price": None, "price_unit": "USD", "queue_time": "0", "sid": call.sid,
         "start_time": rfc2822(call.start_time), "status": call.status,
         "subresource_uris": {s: f"{base}/{camel.get(s, s.capitalize())}.json" for s in subs},
@@ -521,6 +522,10 @@ class TwilioApi:
         status, twiml, url = form.get("Status"), form.get("Twiml"), _url(form, "Url")
         if status and status not in ("completed", "canceled"):
             raise TwilioError(400, 20001, f"Invalid Status: {status} (must be completed or canceled)")
+        if twiml and url:   # the API description: "Twiml and url parameters are mutually exclusive"
+            raise TwilioError(400, 20001, "Twiml and Url parameters are mutually exclusive")
+        if twiml:
+            _check_twiml(twiml)
         if (twiml or url) and call.status in TERMINAL:
             raise TwilioError(400, 21220, "Call is not in-progress. Cannot redirect.")
         if form.get("StatusCallback"):
@@ -543,6 +548,16 @@ class TwilioApi:
         final = "completed" if call.status == "in-progress" else "canceled"
         call.set_status(final)
         call.hub.publish(CallUpdate("status", status=final))
+
+
+def _check_twiml(twiml: str) -> None:
+    """A ``Twiml`` parameter is parsed as Twilio parses it: XML with a ``<Response>`` root (12100)."""
+    try:
+        root = ET.fromstring(twiml)
+    except ET.ParseError as exc:
+        raise TwilioError(400, 12100, f"Document parse failure: {exc}") from None
+    if root.tag != "Response":
+        raise TwilioError(400, 12100, "Document parse failure: the root element must be <Response>")
 
 
 def create_twilio_app(state: SimState, faults: Faults | None = None) -> Starlette:

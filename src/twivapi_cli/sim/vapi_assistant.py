@@ -14,6 +14,18 @@ tools; the reply is checked) and, at the end, ``end-of-call-report`` with per-tu
 types the assistant's ``serverMessages`` lists (Vapi's default list without one), authenticated as
 the call's ``server`` says (``vapi_transport.ServerPoster``). ``speech-update.turn`` is zero-based.
 
+Call control: the assistant's ``transferCall`` and ``endCall`` tools (``model.tools``), chosen by
+what the caller says, the way replies are: an utterance at ``TRANSFER_HZ`` is "transfer me", one at
+``GOODBYE_HZ`` is "goodbye" (other speech is ordinary; the tones stand in for words). A transfer
+speaks the destination's message, then goes to the tool's first destination, or, with none, asks the
+server (``transfer-destination-request``; an ``error`` answer is spoken and the call goes on).
+``endCall`` speaks a goodbye. With ``phone-call-control`` in the assistant's ``serverMessages`` Vapi
+leaves both to the server, as on a call it does not own (stream mode): the simulator posts
+``phone-call-control`` (``request`` ``forward`` with the ``destination``, or ``hang-up``) and waits
+for the server to end the call (``endedReason`` ``assistant-forwarded-call`` /
+``assistant-ended-call``). Without it, ``endCall`` closes the socket itself, and a transfer, which
+a ``vapi.websocket`` call has no phone line for, is reported (``transfer-update``) and goes nowhere.
+
 Behaviours (``assistant.metadata.simulator.behavior``): ``answer`` (default: a greeting tone, then a
 reply tone after each caller utterance) or ``echo`` (sends back exactly what it heard, for bit-exact
 tests).
@@ -47,6 +59,13 @@ WORKER_DIED = "call.in-progress.error-vapifault-worker-died"    # fault injectio
 MANUALLY_CANCELED = "manually-canceled"                         # Live Call Control's end-call
 WORD_MS = 400             # stopSpeakingPlan.numWords: a word is 400 ms of speech (150 words a minute)
 DEFAULT_VOICE_SECONDS = 0.2   # the spec's stopSpeakingPlan.voiceSeconds default
+FORWARDED = "assistant-forwarded-call"       # a transfer the server carried out (phone-call-control)
+ASSISTANT_ENDED = "assistant-ended-call"     # the endCall tool
+# what the caller "says": the tone of an utterance stands for a word (the assistant's own are 440/660 Hz)
+TRANSFER_HZ = 500.0
+GOODBYE_HZ = 800.0
+SPEECH_HZ = 300.0        # anything else the simulated caller says (demo and tests speak at 300 Hz)
+CONTROL_MESSAGE_MS = 600  # "Transferring you now" / "Goodbye"
 
 
 @dataclass
@@ -64,6 +83,8 @@ class Script:
     # at once, when the VAD starts a user turn.
     num_words: int | None = None
     voice_seconds: float | None = None
+    transfer: dict[str, Any] | None = None   # the transferCall tool, if the assistant has one
+    end_call: bool = False                   # whether it has the endCall tool
 
     @classmethod
     def from_assistant(cls, assistant: dict[str, Any] | None) -> Script:
@@ -76,8 +97,12 @@ class Script:
         if plan is not None:
             stop = {"num_words": plan.get("numWords", 0), "voice_seconds": plan.get("voiceSeconds",
                                                                                     DEFAULT_VOICE_SECONDS)}
-        known = {k: v for k, v in options.items() if k in cls.__dataclass_fields__ and k != "tools"}
-        return cls(tools=tools, **{**stop, **known})
+        listed = [t for t in (assistant.get("model") or {}).get("tools", []) if isinstance(t, dict)]
+        transfer = next((t for t in listed if t.get("type") == "transferCall"), None)
+        end_call = any(t.get("type") == "endCall" for t in listed)
+        known = {k: v for k, v in options.items()
+                 if k in cls.__dataclass_fields__ and k not in ("tools", "transfer", "end_call")}
+        return cls(tools=tools, transfer=transfer, end_call=end_call, **{**stop, **known})
 
     @property
     def interrupt_after_frames(self) -> int:
@@ -147,6 +172,8 @@ class SimulatedAssistant:
         self.socket_messages: list[dict[str, Any]] = []   # control messages sent on the transport socket
         self.started = time.time()
         self.ended_reason = CUSTOMER_ENDED
+        self.handed_over: str | None = None   # phone-call-control sent: the endedReason, whoever closes
+        self.utterance = bytearray()          # the caller's audio of the current user turn (PCM16)
         self.closed = False
 
     # --- transport ------------------------------------------------------------------------------
@@ -246,7 +273,10 @@ class SimulatedAssistant:
         if self.script.behavior == "echo":
             await self._send_audio(frame)
             return
-        loud = audio.rms_dbfs(self.codec.to_pcm(frame)) > VAD_THRESHOLD_DBFS
+        pcm = self.codec.to_pcm(frame)
+        loud = audio.rms_dbfs(pcm) > VAD_THRESHOLD_DBFS
+        if self.user_talking or loud:
+            self.utterance += pcm
         self.voiced, self.silent = (self.voiced + 1, 0) if loud else (0, self.silent + 1)
         if not self.user_talking and self.voiced >= VAD_START_FRAMES:
             await self.user_started()
@@ -289,8 +319,13 @@ class SimulatedAssistant:
         self.say_line("user", text, self.user_started_at or time.time())
         await self.emit({"type": "transcript", "role": "user", "transcriptType": "final", "transcript": text})
         await self.conversation_update()
+        word, self.utterance = self.heard_word(), bytearray()
         if backchannel:   # not an interruption (too short for stopSpeakingPlan): the assistant talks on
             return
+        if word == "transfer" and self.script.transfer is not None:
+            return await self.transfer_call()
+        if word == "goodbye" and self.script.end_call:
+            return await self.end_call()
         if self.script.tools and self.post is not None:
             await self.call_tool(self.script.tools[0])
         self.speak(self.script.reply_hz, self.script.reply_ms, delay_ms=self.script.model_latency_ms)
@@ -307,6 +342,59 @@ class SimulatedAssistant:
         reply = await self.post(message)
         results = (reply or {}).get("results") if isinstance(reply, dict) else None
         self.call.setdefault("toolResults", []).append(results)
+
+    # --- call control (transferCall, endCall) ----------------------------------------------------
+    def heard_word(self) -> str | None:
+        """What the caller's last utterance "said": the tone it was spoken at (``TRANSFER_HZ``,
+        ``GOODBYE_HZ``, else ordinary speech)."""
+        if len(self.utterance) < 2 * self.codec.rate // 10:   # under 100 ms: nothing to tell
+            return None
+        pcm = bytes(self.utterance)
+        levels = {word: audio.tone_level_db(pcm, hz, self.codec.rate)
+                  for word, hz in (("transfer", TRANSFER_HZ), ("goodbye", GOODBYE_HZ), (None, SPEECH_HZ))}
+        return max(levels, key=lambda w: levels[w])
+
+    @property
+    def delegates_control(self) -> bool:
+        """``phone-call-control`` in the assistant's serverMessages: the server transfers and hangs up."""
+        return "phone-call-control" in (getattr(self.post, "messages", None) or ())
+
+    async def transfer_call(self) -> None:
+        destination = next(iter((self.script.transfer or {}).get("destinations") or []), None)
+        if destination is None and self.post is not None:
+            reply = await self.post(self.envelope({"type": "transfer-destination-request"}))
+            destination = reply.get("destination") if isinstance(reply, dict) else None
+            if not isinstance(destination, dict) or not destination:
+                error = reply.get("error") if isinstance(reply, dict) else None
+                self.say_line("bot", str(error or "I could not transfer you."), time.time())
+                self.speak(self.script.reply_hz, self.script.reply_ms)
+                return
+        if not isinstance(destination, dict):
+            return
+        await self.say_and_wait(str(destination.get("message") or "Transferring the call now"))
+        if not self.delegates_control:
+            await self.emit({"type": "transfer-update", "destination": destination})
+            return
+        self.handed_over = FORWARDED
+        await self.post_control({"type": "phone-call-control", "request": "forward", "destination": destination})
+
+    async def end_call(self) -> None:
+        await self.say_and_wait("Goodbye")
+        if not self.delegates_control:
+            return await self.hang_up(ASSISTANT_ENDED)
+        self.handed_over = ASSISTANT_ENDED
+        await self.post_control({"type": "phone-call-control", "request": "hang-up"})
+
+    async def say_and_wait(self, text: str) -> None:
+        self.speak(self.script.reply_hz, CONTROL_MESSAGE_MS)
+        self.say_line("bot", text, time.time())
+        if self.speaking is not None:
+            await asyncio.wait({self.speaking})   # spoken out (or cut short by the caller)
+
+    async def post_control(self, message: dict[str, Any]) -> None:
+        """A server message only (not a client message: no copy on the transport socket)."""
+        if self.post is not None:
+            await self.post(self.envelope(message))
 
     # --- speaking -------------------------------------------------------------------------------
     def speak(self, hz: float, ms: int, *, first: bool = False, delay_ms: int = 0) -> None:
@@ -355,6 +443,7 @@ class SimulatedAssistant:
         if self.closed:
             return
         self.closed = True
+        self.ended_reason = self.handed_over or self.ended_reason   # the server did what was handed over
         if self.speaking:
             self.speaking.cancel()
         self.call["status"] = "ended"
