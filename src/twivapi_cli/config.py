@@ -298,6 +298,14 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("body_timeout", "TWIVAPI_BODY_TIMEOUT", 10.0,
             "Seconds a request's body may take to arrive; a client that stalls mid-body gets a 408 and "
             "the connection is closed (Twilio and Vapi send theirs in milliseconds).", _positive_float),
+    Setting("record_dir", "TWIVAPI_RECORD_DIR", None,
+            "`serve --record DIR`: per call, DIR/<CallSid>.wav (stereo 8 kHz: left the caller, right what the "
+            "caller heard) and DIR/<CallSid>.json (its events, with offsets into the audio). Off when unset.", Path),
+    Setting("record_max_mb", "TWIVAPI_RECORD_MAX_MB", 1000.0,
+            "Most megabytes of recordings kept in the record dir; past it the oldest calls are deleted.",
+            _positive_float),
+    Setting("record_max_age_days", "TWIVAPI_RECORD_MAX_AGE_DAYS", 7.0,
+            "Recordings older than this many days are deleted from the record dir.", _positive_float),
     Setting("ngrok_authtoken", "NGROK_AUTHTOKEN", None, "ngrok auth token for `serve --tunnel`.",
             secret=True),
     Setting("ngrok_path", "TWIVAPI_NGROK_PATH", None,
@@ -350,6 +358,9 @@ class Settings:
     drain_timeout: float = 25.0
     stream_start_timeout: float = 15.0
     body_timeout: float = 10.0
+    record_dir: Path | None = None
+    record_max_mb: float = 1000.0
+    record_max_age_days: float = 7.0
     ngrok_authtoken: Secret | None = None
     ngrok_path: str | None = None
     ngrok_install: bool = False
