@@ -83,6 +83,9 @@ class Step(Strict):
     file: str | None = Field(default=None, description="media audio: a WAV file (8 kHz mono, PCM16 or mu-law)")
     ms: float = Field(default=0, ge=0, le=600_000, description="media audio/wait: duration")
     amplitude: float = Field(default=0.5, gt=0, le=1)
+    background: bool = Field(default=False, description="media audio: stream it in the background while the next "
+                                                        "steps go on at their own times (a recorded call's audio); "
+                                                        "a media stop waits for it to end")
     digit: str | None = Field(default=None, pattern=r"^[0-9*#A-D]$")
     mark: str | None = None
 
