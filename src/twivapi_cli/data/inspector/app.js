@@ -356,4 +356,5 @@ function start() {
   listen();
 }
 
+window.inspector = {view, x};   // for checks from a test (the page's own scale)
 document.addEventListener("DOMContentLoaded", start);
