@@ -45,6 +45,7 @@ BYTES_PER_FRAME = 2 * CHANNELS          # one stereo sample
 HEADER = 44
 WINDOW = RATE                           # at most a second of audio is held in memory
 HOLD = RATE // 4                        # ... the newest 250 ms of it stays there for audio still to be placed
+PENDING_FRAMES = 500                    # 10 s sent and never confirmed (no marks echoed): the oldest go
 LATE_EVENTS_S = 30.0                    # events after the stream's end still go into the JSON this long
 MODE = 0o600
 
@@ -106,6 +107,8 @@ class CallAudio:
         if generation != self.generation:   # a new generation after a barge-in: what was held is gone
             self.generation, self.pending, self.confirmed_ms = generation, [], 0
         self.pending.append((sent_ms, frame))
+        if len(self.pending) > PENDING_FRAMES:   # nobody echoes marks: what is held stays bounded
+            del self.pending[0]
 
     def played(self, generation: int, played_ms: int) -> None:
         """Twilio's playback reached ``played_ms`` of ``generation``: what it confirms ends now."""

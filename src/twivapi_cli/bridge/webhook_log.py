@@ -42,7 +42,7 @@ class WebhookLog:
     def of_call(self, call_sid: str) -> list[tuple[Webhook, dict[str, Any]]]:
         """This call's webhooks, oldest first, each with its fixture step (scrubbed, ``at_ms`` from
         the call's first webhook)."""
-        from .recording import fixture_step   # (recording reads Vapi's ids through vapi_hooks, which needs deps)
+        from .recording import fixture_step  # (recording reads Vapi's ids through vapi_hooks, which needs deps)
         found: list[tuple[Webhook, dict[str, Any]]] = []
         for webhook in list(self.webhooks):
             try:
