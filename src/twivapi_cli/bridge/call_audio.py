@@ -217,21 +217,21 @@ class CallAudio:
         self.write_json()
 
 
-async def open_recording(directory: Path, call_sid: str, prior: list[Event], max_bytes: float,
-                         max_age_s: float) -> CallAudio:
-    """Start a call's recording (the events it had before its stream started included), after
-    pruning the directory to its bounds."""
-    await asyncio.to_thread(prune, Path(directory), max_bytes, max_age_s)
-    recording = CallAudio(directory, call_sid)
-    for event in prior:
-        recording.event(event)
+async def fill_in(recording: CallAudio, store: Any, max_bytes: float, max_age_s: float) -> None:
+    """What a new recording does off the media path (its stream is not held up by it): prune the
+    directory to its bounds (in a thread) and add the call's events from before its stream."""
+    await asyncio.to_thread(prune, recording.directory, max_bytes, max_age_s, keep=recording.call_sid)
+    seen = {event["seq"] for event in recording.events}
+    for event in await store.events(0, call_sid=recording.call_sid, limit=10_000):
+        if event.seq not in seen:
+            recording.event(event)
     recording.write_json()
-    return recording
 
 
-def prune(directory: Path, max_bytes: float, max_age_s: float, now: float | None = None) -> list[str]:
+def prune(directory: Path, max_bytes: float, max_age_s: float, now: float | None = None,
+          keep: str | None = None) -> list[str]:
     """Delete recordings (a ``.wav`` and its ``.json``) older than ``max_age_s``, then the oldest
-    until the rest fit in ``max_bytes``; the CallSids deleted."""
+    until the rest fit in ``max_bytes`` (never ``keep``'s, the one just started); the CallSids deleted."""
     now = time.time() if now is None else now
     calls: dict[str, list[Path]] = {}
     for path in directory.glob("*.wav"):
@@ -239,6 +239,7 @@ def prune(directory: Path, max_bytes: float, max_age_s: float, now: float | None
     for path in directory.glob("*.json"):
         calls.setdefault(path.stem, []).append(path)
     entries = []
+    calls.pop(keep or "", None)
     for sid, paths in calls.items():
         try:
             stats = [p.stat() for p in paths]

@@ -35,7 +35,7 @@ from ..config import revealed
 from ..errors import StoreError
 from ..models import EventType, SignalKind, Trigger
 from . import stream_auth
-from .call_audio import LATE_EVENTS_S, CallAudio, open_recording
+from .call_audio import LATE_EVENTS_S, CallAudio, fill_in
 from .deps import Deps, deps
 from .outbound import Outbound
 from .turns import TurnClock
@@ -87,6 +87,7 @@ class MediaCall:
         self.vapi = VapiLeg(bridge.recorder, revealed(bridge.settings.vapi_api_key))
         self.turns = TurnClock()
         self.audio: CallAudio | None = None   # serve --record: the two-leg recording (call_audio.py)
+        self.recording_task: asyncio.Task | None = None
         self.tasks: list[asyncio.Task] = []
         self.bad_messages = 0
         self.twilio_gone = False   # a send found Twilio's socket closed (what it sent before is still read)
@@ -174,7 +175,7 @@ class MediaCall:
         await self.store.update_session(start.call_sid, stream_sid=start.stream_sid, instance=self.bridge.instance)
         self.bridge.signals.listen(start.call_sid, self.on_signal)
         if self.bridge.settings.record_dir is not None:
-            await self.start_recording(start.call_sid)
+            self.start_recording(start.call_sid)
         await self.recorder.record(EventType.MEDIA_START, start.call_sid, stream_sid=start.stream_sid)
         self.tasks = [asyncio.create_task(self.connect_vapi()), asyncio.create_task(self.outbound.pace())]
 
@@ -184,19 +185,21 @@ class MediaCall:
                 self.audio.caller(media.payload, media.timestamp)
             await self.vapi.relay(self.inbound.convert(media.payload), time.monotonic())
 
-    async def start_recording(self, call_sid: str) -> None:
-        """serve --record: this call's WAV and JSON (call_audio.py), its events so far included."""
+    def start_recording(self, call_sid: str) -> None:
+        """serve --record: this call's WAV and JSON (call_audio.py); pruning the directory and the
+        events from before the stream are done beside the stream, never holding it up."""
         settings = self.bridge.settings
         assert settings.record_dir is not None
         try:
-            prior = await self.store.events(0, call_sid=call_sid, limit=10_000)
-            self.audio = await open_recording(settings.record_dir, call_sid, prior, settings.record_max_mb * 1e6,
-                                              settings.record_max_age_days * 86400)
+            self.audio = CallAudio(settings.record_dir, call_sid)
         except OSError as exc:   # an unwritable directory loses the recording, never the call
             log.warning("media %s: cannot record into %s: %s", call_sid, settings.record_dir, exc)
             return
         self.recorder.taps[call_sid] = self.audio.event
         self.outbound.tap = self.audio.sent
+        # not one of self.tasks: a call shorter than it still gets its earlier events
+        self.recording_task = asyncio.create_task(fill_in(self.audio, self.store, settings.record_max_mb * 1e6,
+                                                          settings.record_max_age_days * 86400))
 
     async def on_dtmf(self, dtmf: twilio_media.Dtmf) -> None:
         digit = dtmf.digit[:1]
