@@ -10,6 +10,10 @@ paced at real time). Measured per run:
 - frames lost (sent but never echoed back, before the interruption);
 - barge-in: a `user-interrupted` webhook near the end of each call -> `clear` at the caller, and the
   bridge's own signal-to-clear stamps.
+
+The callers echo every mark at once, as Twilio does when its playback reaches it. One pair of rows
+runs the same load with and without `serve --record` (both legs written to a WAV per call): the
+recording's cost is the difference in CPU per call-second.
 """
 
 from __future__ import annotations
@@ -114,6 +118,9 @@ class Caller:
                     if n in self.sent_at and n not in self.echoed:
                         self.echoed.add(n)
                         self.rtt.append((time.monotonic() - self.sent_at[n]) * 1000)
+            elif message["event"] == "mark":   # played at once: echoed, as Twilio does
+                await ws.send(json.dumps({"event": "mark", "streamSid": message.get("streamSid"),
+                                          "mark": message["mark"]}))
             elif message["event"] == "clear" and self.interrupt_at and self.clear_ms is None:
                 self.clear_ms = (time.monotonic() - self.interrupt_at) * 1000
 
@@ -124,7 +131,7 @@ class Caller:
         return sum(1 for n in range(cutoff) if n not in self.echoed)
 
 
-def run_one(calls: int, seconds: float, audio_format: str, tmp: Path) -> dict:
+def run_one(calls: int, seconds: float, audio_format: str, tmp: Path, record: bool = False) -> dict:
     env = {**os.environ, "TWILIO_AUTH_TOKEN": TOKEN, "VAPI_API_KEY": KEY, "VAPI_WEBHOOK_SECRET": SECRET}
     sims, values = start_sims(env)
     bridge = None
@@ -137,6 +144,8 @@ def run_one(calls: int, seconds: float, audio_format: str, tmp: Path) -> dict:
                       "TWIVAPI_PUBLIC_URL": public, "TWIVAPI_STORE": f"sqlite:///{tmp}/bridge-{calls}-{audio_format}.db",
                       "TWIVAPI_AUDIO_FORMAT": audio_format, "TWIVAPI_SETUP_QUEUE_LIMIT": "5000",
                       "TWIVAPI_DRAIN_TIMEOUT": "1"}
+        if record:
+            bridge_env["TWIVAPI_RECORD_DIR"] = str(tmp / f"recordings-{calls}")
         bridge = subprocess.Popen([TWIVAPI, "serve", "--port", str(port), "--log-level", "warning"], env=bridge_env,
                                   cwd=tmp, stderr=subprocess.DEVNULL)
         wait_http(public + "/health")
@@ -163,7 +172,7 @@ def run_one(calls: int, seconds: float, audio_format: str, tmp: Path) -> dict:
     rtt = [v for c in callers for v in c.rtt]
     clears = [c.clear_ms for c in callers if c.clear_ms is not None]
     call_seconds = calls * seconds
-    return {"format": audio_format, "calls": calls, "seconds": seconds,
+    return {"format": audio_format, "record": "yes" if record else "no", "calls": calls, "seconds": seconds,
             "bridge_cpu_s": round(cpu, 2), "cpu_util": round(cpu / wall, 2),
             "cpu_ms_per_call_s": round(cpu / call_seconds * 1000, 2),
             "calls_per_core": round(call_seconds / cpu) if cpu else None,
@@ -176,10 +185,11 @@ def run_one(calls: int, seconds: float, audio_format: str, tmp: Path) -> dict:
 
 
 def run(quick: bool = False) -> list[dict]:
-    plan = [(20, 4, "mulaw-8k"), (10, 4, "pcm16-16k")] if quick else \
-        [(50, 10, "mulaw-8k"), (100, 10, "mulaw-8k"), (50, 10, "pcm16-16k")]
+    plan = [(20, 4, "mulaw-8k", False), (20, 4, "mulaw-8k", True), (10, 4, "pcm16-16k", False)] if quick else \
+        [(50, 10, "mulaw-8k", False), (50, 10, "mulaw-8k", True), (100, 10, "mulaw-8k", False),
+         (50, 10, "pcm16-16k", False)]
     with tempfile.TemporaryDirectory() as tmp:
-        return [run_one(calls, seconds, fmt, Path(tmp)) for calls, seconds, fmt in plan]
+        return [run_one(calls, seconds, fmt, Path(tmp), record) for calls, seconds, fmt, record in plan]
 
 
 if __name__ == "__main__":

@@ -14,7 +14,8 @@ import typer
 from . import __version__
 
 # Order here is the order in --help.
-COMMAND_MODULES = ("demo", "serve", "tunnel", "sim", "replay", "fixtures", "tail", "provision", "doctor", "config")
+COMMAND_MODULES = ("demo", "serve", "tunnel", "sim", "replay", "fixtures", "tail", "inspect", "provision", "doctor",
+                   "config")
 
 app = typer.Typer(
     name="twivapi",

@@ -331,6 +331,14 @@ SETTINGS: tuple[Setting, ...] = (
             "Where transfer-destination-request sends callers: name=destination pairs, comma-separated "
             "(sales=+14155550100,support=sip:support@example.com); the one named default, else the first.",
             _destinations),
+    Setting("record_dir", "TWIVAPI_RECORD_DIR", None,
+            "`serve --record DIR`: per call, DIR/<CallSid>.wav (stereo 8 kHz: left the caller, right what the "
+            "caller heard) and DIR/<CallSid>.json (its events, with offsets into the audio). Off when unset.", Path),
+    Setting("record_max_mb", "TWIVAPI_RECORD_MAX_MB", 1000.0,
+            "Most megabytes of recordings kept in the record dir; past it the oldest calls are deleted.",
+            _positive_float),
+    Setting("record_max_age_days", "TWIVAPI_RECORD_MAX_AGE_DAYS", 7.0,
+            "Recordings older than this many days are deleted from the record dir.", _positive_float),
     Setting("ngrok_authtoken", "NGROK_AUTHTOKEN", None, "ngrok auth token for `serve --tunnel`.",
             secret=True),
     Setting("ngrok_path", "TWIVAPI_NGROK_PATH", None,
@@ -384,6 +392,9 @@ class Settings:
     stream_start_timeout: float = 15.0
     body_timeout: float = 10.0
     transfer_destinations: tuple[tuple[str, str], ...] = ()
+    record_dir: Path | None = None
+    record_max_mb: float = 1000.0
+    record_max_age_days: float = 7.0
     ngrok_authtoken: Secret | None = None
     ngrok_path: str | None = None
     ngrok_install: bool = False

@@ -87,6 +87,9 @@ class Step(Strict):
         description="media wait: how much longer to wait, after ms, for audio, marks or a close still expected"
                     " (a loaded machine's lag); what must not happen is checked over the whole wait")
     amplitude: float = Field(default=0.5, gt=0, le=1)
+    background: bool = Field(default=False, description="media audio: stream it in the background while the next "
+                                                        "steps go on at their own times (a recorded call's audio); "
+                                                        "a media stop waits for it to end")
     digit: str | None = Field(default=None, pattern=r"^[0-9*#A-D]$")
     mark: str | None = None
 

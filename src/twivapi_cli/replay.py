@@ -126,6 +126,7 @@ class MediaSession:
         self.chunk = 0
         self.started = time.monotonic()
         self.closed = asyncio.Event()
+        self.background: asyncio.Task | None = None   # a media audio step's stream that goes on meanwhile
         self.player = Player(self.result, self.send, stream_sid)
         self.tasks = [asyncio.create_task(self.player.run()), asyncio.create_task(self.receive())]
 
@@ -174,7 +175,7 @@ class MediaSession:
             await asyncio.sleep(max(0.0, start + (i // FRAME + 1) * seconds_per_frame - time.monotonic()))
 
     async def close(self) -> None:
-        for task in self.tasks:
+        for task in self.tasks + ([self.background] if self.background else []):
             task.cancel()
         await self.ws.close()
 
@@ -416,7 +417,11 @@ class Runner:
         if media is None:
             return media, ["no media socket: add a media open step first"]
         started = time.monotonic()
-        if step.media == "audio":
+        if step.media == "audio" and step.background:
+            if media.background is not None:
+                await media.background   # one stream of the caller's audio at a time
+            media.background = asyncio.create_task(media.stream(self.audio_for(step)))
+        elif step.media == "audio":
             await media.stream(self.audio_for(step))
         elif step.media == "wait":
             await asyncio.sleep(step.ms / 1000)
@@ -428,6 +433,8 @@ class Runner:
         elif step.media == "mark":
             await media.send(twilio_media.Mark(media.stream_sid, step.mark or "m"))
         elif step.media == "stop":
+            if media.background is not None:
+                await media.background   # the recorded audio first, all of it
             await media.send(twilio_media.Stop(media.stream_sid, call_sid=media.call_sid,
                                                account_sid=self.creds.account_sid))
             try:

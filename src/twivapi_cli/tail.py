@@ -33,6 +33,35 @@ LATENCY_FROM_EVENT = {
     "media.first-audio": ("end of speech -> first audio", "ms"),
 }
 
+# The per-turn budget: the bridge's split of each turn (on media.first-audio) and Vapi's (its
+# end-of-call-report's turnLatencies, on vapi.report); figures of their own in /latency and /metrics.
+BRIDGE_TURN_PARTS = {"relay_in_ms": "turn: relay in", "vapi_ms": "turn: waiting on vapi",
+                     "relay_out_ms": "turn: relay out", "pacing_ms": "turn: pacing"}
+VAPI_TURN_PARTS = ("transcriber", "endpointing", "model", "voice", "turn")
+
+
+def turn_budget(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One call's turns, joined in order: the bridge's ``media.first-audio`` splits with Vapi's
+    ``turnLatencies`` (from ``vapi.report``). ``heard_ms``: end of the caller's speech -> first
+    assistant audio at the caller, Vapi's turn latency plus the bridge's relay in, relay out and
+    pacing (None until both sides are known)."""
+    bridge = [e.get("data") or {} for e in events if e.get("type") == "media.first-audio"]
+    vapi: list[dict[str, Any]] = []
+    for event in events:
+        if event.get("type") == "vapi.report":
+            vapi = [t for t in (event.get("data") or {}).get("turn_latencies") or [] if isinstance(t, dict)]
+    rows = []
+    for index in range(max(len(bridge), len(vapi))):
+        ours = bridge[index] if index < len(bridge) else {}
+        theirs = vapi[index] if index < len(vapi) else {}
+        row: dict[str, Any] = {"turn": index + 1, "bridge_ms": ours.get("ms")}
+        row.update({field[:-3] + "_ms": ours.get(field) for field in BRIDGE_TURN_PARTS})
+        row.update({f"vapi_{part}_ms": theirs.get(part) for part in VAPI_TURN_PARTS})
+        parts = [row["vapi_turn_ms"], row["relay_in_ms"], row["relay_out_ms"], row["pacing_ms"]]
+        row["heard_ms"] = round(sum(parts), 3) if all(isinstance(p, (int, float)) for p in parts) else None
+        rows.append(row)
+    return rows
+
 
 class Histogram:
     """Log-bucketed histogram of positive values (ms): bucket i holds [G^i, G^(i+1)) with G = 1.04."""
@@ -98,12 +127,19 @@ class LatencyBook:
     def __init__(self) -> None:
         self.histograms: dict[str, Histogram] = {}
 
-    def add(self, name: str, ms: float) -> None:
+    def add(self, name: str, ms: float | None) -> None:
         if ms is None or not isinstance(ms, (int, float)) or ms < 0:
             return
         self.histograms.setdefault(name, Histogram()).add(float(ms))
 
     def observe_event(self, event_type: str, data: dict) -> tuple[str, float] | None:
+        if event_type == "media.first-audio":   # the turn's split, each part a figure of its own
+            for field, name in BRIDGE_TURN_PARTS.items():
+                self.add(name, data.get(field))
+        elif event_type == "vapi.report":
+            for turn in data.get("turn_latencies") or []:
+                for part in VAPI_TURN_PARTS:
+                    self.add(f"turn: vapi {part}", turn.get(part) if isinstance(turn, dict) else None)
         known = LATENCY_FROM_EVENT.get(event_type)
         if known and isinstance(data.get(known[1]), (int, float)):
             self.add(known[0], data[known[1]])

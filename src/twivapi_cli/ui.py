@@ -86,10 +86,18 @@ def event_line(event: dict) -> Text:
     line.append(f"{event.get('type')}", style="bold")
     if event.get("call_sid"):
         line.append(f" {event['call_sid'][-12:]}", style="magenta")
-    data = event.get("data") or {}
+    data = dict(event.get("data") or {})
+    turns = data.pop("turn_latencies", None)
     if data:
         line.append(" " + " ".join(f"{k}={v}" for k, v in data.items() if v is not None))
+    if isinstance(turns, list) and turns:
+        line.append(" vapi turns: " + "; ".join(_vapi_turn(i + 1, t) for i, t in enumerate(turns) if isinstance(t, dict)))
     return line
+
+
+def _vapi_turn(number: int, turn: dict) -> str:
+    parts = " + ".join(f"{part} {_ms(turn.get(part))}" for part in ("transcriber", "endpointing", "model", "voice"))
+    return f"{number}) {_ms(turn.get('turn'))} = {parts}"
 
 
 def notice_line(message: str, kind: str) -> Text:

@@ -10,6 +10,7 @@ bearer token ``serve`` generates per run and writes, with the address, to ``<sta
     GET /sessions  active sessions with their last event
     GET /latency   latency histograms (p50/p95/p99, sparkline) and counters
     GET /metrics   the same in Prometheus text format
+    /inspect, /calls/...  the call inspector (``inspector.py``)
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from __future__ import annotations
 import hmac
 import json
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, generate_latest
@@ -32,17 +33,30 @@ from ..models import Event
 from ..tail import Histogram
 from .deps import Deps
 from .http import error_response
+from .inspector import CallIndex, inspector_routes
 
 KEEPALIVE_S = 15.0
 PROM_BOUNDS_MS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000)
 
 
 def _authorized(request: Request) -> bool:
+    """The run's token, as ``Authorization: Bearer`` or, for what a browser loads by URL (the
+    inspector's page, its files, event stream and audio), a ``token`` query parameter."""
     token = request.app.state.token
     if not token:
         return True
     header = request.headers.get("authorization", "")
-    return hmac.compare_digest(header.encode(), f"Bearer {token}".encode())
+    query = request.query_params.get("token", "")
+    return (hmac.compare_digest(header.encode(), f"Bearer {token}".encode())
+            or hmac.compare_digest(query.encode(), token.encode()))
+
+
+def _guarded(endpoint: Callable[[Request], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
+    async def guarded(request: Request) -> Response:
+        if not _authorized(request):
+            return error_response(401, "unauthorized", "admin token missing or wrong (see bridge.json)")
+        return await endpoint(request)
+    return guarded
 
 
 def _sse(kind: str, data: Any, seq: int | None = None) -> str:
@@ -165,8 +179,12 @@ async def metrics(request: Request) -> Response:
 
 def create_admin_app(bridge_app: Starlette, token: str | None) -> Starlette:
     """The admin app over a bridge app's dependencies (same recorder, store and cluster)."""
+    inspect = [Route(r.path, _guarded(r.endpoint), methods=r.methods) for r in inspector_routes()
+               if isinstance(r, Route)]
     app = Starlette(routes=[Route("/events", events), Route("/sessions", sessions), Route("/latency", latency),
-                            Route("/metrics", metrics)])
-    app.state.bridge = bridge_app.state.deps
-    app.state.token = token
+                            Route("/metrics", metrics), *inspect])
+    bridge: Deps = bridge_app.state.deps
+    app.state.bridge, app.state.bridge_app, app.state.token = bridge, bridge_app, token
+    app.state.call_index = index = CallIndex()
+    bridge.recorder.listeners.append(index.observe)
     return app

@@ -45,6 +45,7 @@ from .setup import SetupPool
 from .signals import Signals
 from .sweeper import Sweeper
 from .tools import ToolRegistry
+from .webhook_log import CaptureWebhooks
 
 log = logging.getLogger("twivapi.bridge")
 
@@ -164,6 +165,7 @@ def create_app(settings: Settings, store: Store, cluster: Cluster, vapi: Any, *,
     handlers: dict[Any, Any] = {   # Starlette types handlers for Exception only; each takes its own class
         HttpError: _http_error, HTTPException: _starlette_error, StoreError: _store_error, Exception: _unexpected}
     app = Starlette(routes=table, lifespan=lifespan, exception_handlers=handlers,
-        middleware=[Middleware(CountResponses, counts=bridge.http_counts, known={r.path for r in table if isinstance(r, (Route, WebSocketRoute))})])
+        middleware=[Middleware(CountResponses, counts=bridge.http_counts, known={r.path for r in table if isinstance(r, (Route, WebSocketRoute))}),
+                    Middleware(CaptureWebhooks, log=bridge.webhooks)])
     app.state.deps = bridge
     return app

@@ -20,6 +20,7 @@ from .setup import SetupPool
 from .signals import Signals
 from .sweeper import Sweeper
 from .tools import ToolRegistry
+from .webhook_log import WebhookLog
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,7 @@ class Deps:
     started: float             # time.monotonic() when the app was built (health's uptime)
     lifecycle: Lifecycle = field(default_factory=Lifecycle)   # draining or not
     http_counts: dict[tuple[str, int], int] = field(default_factory=dict)   # responses by (route, status)
+    webhooks: WebhookLog = field(default_factory=WebhookLog)   # the latest webhooks, raw (the inspector's)
 
     @property
     def instance(self) -> str:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 from ..cluster import Cluster
@@ -30,6 +31,8 @@ class Recorder:
         self.counters: dict[str, int] = {}
         self.latency = LatencyBook()   # served by the admin app at /latency and /metrics
         self.last_event: dict[str, tuple[str, float]] = {}   # call -> (type, time), newest calls last
+        self.taps: dict[str, Callable[[Event], None]] = {}    # call -> who else wants its events (a recording)
+        self.listeners: list[Callable[[Event], None]] = []   # every event (the inspector's call index)
 
     async def record(self, type_: str, call_sid: str | None = None, *, received_at: float | None = None,
                      durable: bool = True, **data: Any) -> Event:
@@ -47,6 +50,11 @@ class Recorder:
             self.last_event[event.call_sid] = (event.type, event.received_at)
             if len(self.last_event) > LAST_EVENTS_KEPT:
                 del self.last_event[next(iter(self.last_event))]
+            tap = self.taps.get(event.call_sid)
+            if tap is not None:
+                tap(event)
+        for listener in self.listeners:
+            listener(event)
         self.cluster.announce(event)
 
     async def mark(self, event: Event, *, acked: bool = False, processed: bool = False) -> None:

@@ -35,8 +35,10 @@ from ..config import revealed
 from ..errors import StoreError
 from ..models import EventType, SignalKind, Trigger
 from . import stream_auth
+from .call_audio import LATE_EVENTS_S, CallAudio, fill_in
 from .deps import Deps, deps
 from .outbound import Outbound
+from .turns import TurnClock
 from .vapi_leg import VAPI_CONNECT_TIMEOUT, VapiLeg, control_event
 
 log = logging.getLogger("twivapi.bridge")
@@ -83,6 +85,9 @@ class MediaCall:
         self.outbound = Outbound(outbound_converter, self.send_twilio)
         self.outbound.on_first_audio = self._first_audio
         self.vapi = VapiLeg(bridge.recorder, revealed(bridge.settings.vapi_api_key))
+        self.turns = TurnClock()
+        self.audio: CallAudio | None = None   # serve --record: the two-leg recording (call_audio.py)
+        self.recording_task: asyncio.Task | None = None
         self.tasks: list[asyncio.Task] = []
         self.bad_messages = 0
         self.twilio_gone = False   # a send found Twilio's socket closed (what it sent before is still read)
@@ -126,6 +131,8 @@ class MediaCall:
             await self.on_media(message)
         elif isinstance(message, twilio_media.Mark):
             self.outbound.played(message.name)
+            if self.audio is not None:
+                self.audio.played(self.outbound.generation, self.outbound.played_ms)
         elif isinstance(message, twilio_media.Start):
             await self.on_start(message)
         elif isinstance(message, twilio_media.Dtmf):
@@ -167,12 +174,32 @@ class MediaCall:
         self.state = StreamState.WAITING_VAPI
         await self.store.update_session(start.call_sid, stream_sid=start.stream_sid, instance=self.bridge.instance)
         self.bridge.signals.listen(start.call_sid, self.on_signal)
+        if self.bridge.settings.record_dir is not None:
+            self.start_recording(start.call_sid)
         await self.recorder.record(EventType.MEDIA_START, start.call_sid, stream_sid=start.stream_sid)
         self.tasks = [asyncio.create_task(self.connect_vapi()), asyncio.create_task(self.outbound.pace())]
 
     async def on_media(self, media: twilio_media.Media) -> None:
         if media.inbound and self.state in (StreamState.WAITING_VAPI, StreamState.RELAYING):
+            if self.audio is not None:
+                self.audio.caller(media.payload, media.timestamp)
             await self.vapi.relay(self.inbound.convert(media.payload), time.monotonic())
+
+    def start_recording(self, call_sid: str) -> None:
+        """serve --record: this call's WAV and JSON (call_audio.py); pruning the directory and the
+        events from before the stream are done beside the stream, never holding it up."""
+        settings = self.bridge.settings
+        assert settings.record_dir is not None
+        try:
+            self.audio = CallAudio(settings.record_dir, call_sid)
+        except OSError as exc:   # an unwritable directory loses the recording, never the call
+            log.warning("media %s: cannot record into %s: %s", call_sid, settings.record_dir, exc)
+            return
+        self.recorder.taps[call_sid] = self.audio.event
+        self.outbound.tap = self.audio.sent
+        # not one of self.tasks: a call shorter than it still gets its earlier events
+        self.recording_task = asyncio.create_task(fill_in(self.audio, self.store, settings.record_max_mb * 1e6,
+                                                          settings.record_max_age_days * 86400))
 
     async def on_dtmf(self, dtmf: twilio_media.Dtmf) -> None:
         digit = dtmf.digit[:1]
@@ -199,15 +226,18 @@ class MediaCall:
         await self.finish("vapi-socket-closed")
 
     def on_vapi_audio(self, chunk: bytes) -> None:
+        received = time.monotonic()
         if not self.outbound.push(chunk):
             self.recorder.count("media.stale_dropped")
+        else:
+            self.turns.vapi_audio(received, time.monotonic())
 
     async def on_vapi_control(self, text: str) -> None:
         event, detail = control_event(text) or ("", None)
         if event == "interrupt" or (event == "caller-started" and self.bridge.settings.barge_in == "speech"):
             await self.interrupt(time.monotonic(), source="transport")
         elif event == "caller-stopped":
-            self.outbound.speech_ended_at = time.monotonic()
+            self.caller_stopped()
         elif event == "assistant-started":
             self.outbound.new_turn()
         elif event == "assistant-stopped":
@@ -220,13 +250,20 @@ class MediaCall:
         if kind is SignalKind.INTERRUPT:
             await self.interrupt(time.monotonic(), source=data.get("source", "webhook"))
         elif kind is SignalKind.SPEECH and data.get("role") == "user" and data.get("status") == "stopped":
-            self.outbound.speech_ended_at = time.monotonic()
+            self.caller_stopped()
         elif kind is SignalKind.END:
             await self.finish(data.get("reason", "ended"))
+
+    def caller_stopped(self) -> None:
+        """The caller's end of speech: the next turn's latency is timed from it."""
+        self.outbound.speech_ended_at = now = time.monotonic()
+        self.turns.caller_stopped(now, self.vapi.last_relay_ms)
 
     async def interrupt(self, signalled: float, source: str) -> None:
         if self.stream_sid is None or not self.outbound.interrupt():
             return
+        if self.audio is not None:
+            self.audio.cleared()
         await self.send_twilio(twilio_media.Clear(self.stream_sid))
         ms = round((time.monotonic() - signalled) * 1000, 3)
         self.recorder.count("media.interruptions")
@@ -234,8 +271,9 @@ class MediaCall:
                                    generation=self.outbound.generation)
 
     async def _first_audio(self, speech_ended_at: float) -> None:
-        ms = round((time.monotonic() - speech_ended_at) * 1000, 1)
-        await self.recorder.record(EventType.MEDIA_FIRST_AUDIO, self.call_sid, ms=ms)
+        now = time.monotonic()
+        ms = round((now - speech_ended_at) * 1000, 1)
+        await self.recorder.record(EventType.MEDIA_FIRST_AUDIO, self.call_sid, ms=ms, **self.turns.first_audio(now))
 
     async def send_twilio(self, message: twilio_media.Message | str) -> None:
         if self.state is StreamState.CLOSED or self.twilio_gone:
@@ -269,3 +307,17 @@ class MediaCall:
                                        frames_out=self.outbound.frames_out, bad_messages=self.bad_messages,
                                        early_dropped=self.vapi.early_dropped)
             await self.bridge.calls.end(self.call_sid, reason)
+        if self.audio is not None:
+            self.stop_recording(self.audio)
+
+    def stop_recording(self, recording: CallAudio) -> None:
+        """The audio ends here; the call's late events (its status callback, Vapi's report) still go
+        into the JSON for a while."""
+        recording.close()
+        self.outbound.tap = None
+        taps = self.recorder.taps
+
+        def detach() -> None:
+            if taps.get(recording.call_sid) == recording.event:
+                del taps[recording.call_sid]
+        asyncio.get_running_loop().call_later(LATE_EVENTS_S, detach)

@@ -61,6 +61,7 @@ class Outbound:
         self._last_audio = 0.0
         self.speech_ended_at: float | None = None   # the caller stopped speaking: first audio is timed from it
         self.on_first_audio: Callable[[float], Awaitable[None]] | None = None
+        self.tap: Callable[[int, int, bytes], None] | None = None   # (generation, sent ms, frame): a recording
 
     @property
     def playing(self) -> bool:
@@ -135,6 +136,8 @@ class Outbound:
             return  # interrupted while sending
         self.sent_ms += FRAME_MS
         self.frames_out += 1
+        if self.tap is not None:
+            self.tap(generation, self.sent_ms, frame)
         if self.frames_out % MARK_EVERY == 0 or not self.queue:
             await self.send(twilio_media.serialize(twilio_media.Mark(self.stream_sid,
                                                                      f"{self.generation}:{self.sent_ms}")))

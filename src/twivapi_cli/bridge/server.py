@@ -69,13 +69,17 @@ def display_store(url: str) -> str:
 def startup_lines(settings: Settings, public_address: str, admin_url: str, bridge_file: Path) -> list[str]:
     """What `twivapi serve` says once it listens: where, in which mode, on which store, for which
     public URL, and how to watch it."""
-    return [
+    lines = [
         f"twivapi bridge: {settings.mode} mode, listening on {public_address}",
         f"  public URL: {settings.public_url or '(not set: set TWIVAPI_PUBLIC_URL or --public-url)'}",
         f"  store: {display_store(settings.store_url)}",
         f"  admin (loopback only): {admin_url}, token in {bridge_file}",
         "  watch it: twivapi tail",
     ]
+    if settings.record_dir is not None:
+        lines.append(f"  recording calls into {settings.record_dir} (at most {settings.record_max_mb:g} MB, "
+                     f"{settings.record_max_age_days:g} days)")
+    return lines
 
 
 def check_public_url(settings: Settings, *, allow_ws: bool = False) -> list[str]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import logging
+import math
 import time
 from typing import Any
 
@@ -269,9 +270,10 @@ class MessageProcessor:
             elif status == "ended":
                 await self.calls.end(sid, str(message.get("endedReason") or "vapi-ended"))
         elif kind == "end-of-call-report":
-            metrics = ((message.get("artifact") or {}).get("performanceMetrics") or {})
+            metrics = _dict((_dict(message.get("artifact"))).get("performanceMetrics"))
             await self.recorder.record(EventType.VAPI_REPORT, sid, ended_reason=message.get("endedReason"),
-                                       turn_latency_avg=metrics.get("turnLatencyAverage"))
+                                       turn_latency_avg=metrics.get("turnLatencyAverage"),
+                                       turn_latencies=turn_latencies(metrics))
             await self.calls.end(sid, str(message.get("endedReason") or "end-of-call-report"))
         elif kind == "user-interrupted":
             pass   # signalled on arrival (_interrupt_now)
@@ -294,3 +296,28 @@ class MessageProcessor:
                                    state=session.state.value)
         await self.calls.end_vapi_call(session.call_sid, call)
         return True
+
+
+TURN_PARTS = ("transcriber", "endpointing", "model", "voice", "turn")
+
+
+def _dict(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
+def turn_latencies(metrics: dict[str, Any]) -> list[dict[str, float | None]]:
+    """``PerformanceMetrics.turnLatencies`` as ``{transcriber, endpointing, model, voice, turn}`` ms per
+    turn (a field that is missing or not a number: None); anything else in the list is skipped."""
+    turns = metrics.get("turnLatencies")
+    if not isinstance(turns, list):
+        return []
+    out = []
+    for turn in turns[:500]:
+        if isinstance(turn, dict):
+            out.append({part: _number(turn.get(f"{part}Latency")) for part in TURN_PARTS})
+    return out
+
+
+def _number(value: Any) -> float | None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    return float(value) if ok else None

@@ -31,6 +31,7 @@ class VapiLeg:
         self.frames_in = 0       # caller frames relayed to Vapi
         self.early: collections.deque[bytes] = collections.deque()
         self.early_dropped = 0
+        self.last_relay_ms: float | None = None   # the newest caller frame's time through the bridge
 
     async def open(self, url: str) -> bool:
         """Connect; False (recorded) if Vapi's socket could not be opened."""
@@ -67,9 +68,9 @@ class VapiLeg:
         except websockets.ConnectionClosed:
             return
         self.frames_in += 1
+        self.last_relay_ms = ms = round((time.monotonic() - received) * 1000, 3)
         if self.frames_in % RELAY_SAMPLE_EVERY == 0:
-            await self.recorder.record(EventType.MEDIA_RELAY, self.call_sid, direction="caller->vapi",
-                                       ms=round((time.monotonic() - received) * 1000, 3))
+            await self.recorder.record(EventType.MEDIA_RELAY, self.call_sid, direction="caller->vapi", ms=ms)
 
     async def send_json(self, message: dict) -> None:
         if self.socket is not None:

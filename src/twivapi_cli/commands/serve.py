@@ -31,12 +31,16 @@ def register(app: typer.Typer) -> None:
         allow_ws: bool = typer.Option(False, "--allow-ws", help="Stream mode: start even though the public URL is "
                                                                 "not https:// (its stream URL is ws://, which Twilio "
                                                                 "refuses; loopback hosts need no flag)."),
+        record: Optional[Path] = typer.Option(None, "--record", help="Record every call into this directory: "
+                                                                    "<CallSid>.wav (stereo: the caller, what the caller "
+                                                                    "heard) and <CallSid>.json [TWIVAPI_RECORD_DIR]."),
         log_level: str = typer.Option("info", "--log-level", help="uvicorn/twivapi log level."),
         env_file: Path = ENV_FILE_OPTION,
     ):
         """Run the bridge: Twilio voice/status webhooks, Vapi server messages, the media stream."""
         settings = load({"host": host, "port": port, "public_url": public_url, "mode": mode, "store": store,
-                         "audio_format": audio_format, "ngrok_install": True if yes else None}, env_file)
+                         "audio_format": audio_format, "ngrok_install": True if yes else None,
+                         "record_dir": record}, env_file)
         with errors_to_exit():
             from ..bridge.server import serve_forever
 

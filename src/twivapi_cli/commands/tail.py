@@ -70,11 +70,22 @@ def _target(lib: ModuleType, url: str | None, token: str | None, state_dir: str 
 
 
 async def _json(lib: ModuleType, target: Target, filters: Filters, once: bool, show_numbers: bool) -> None:
+    """One event per line; after a call's vapi.report, a ``turn-budget`` line joining the bridge's
+    split of each turn (its media.first-audio events) with Vapi's turn latencies."""
+    turns: dict[str, list[dict[str, Any]]] = {}
     async for item in _events(lib, target, filters, once):
-        if isinstance(item, lib.Notice):
+        if not isinstance(item, dict):   # a Notice
             stderr_console().print(f"[yellow]-- {item.message}[/yellow]")
-        else:
-            typer.echo(json.dumps(lib.mask_event(item, show_numbers), default=str))
+            continue
+        typer.echo(json.dumps(lib.mask_event(item, show_numbers), default=str))
+        sid, kind = item.get("call_sid"), item.get("type")
+        if sid and kind in ("media.first-audio", "vapi.report"):
+            seen = turns.setdefault(sid, [])
+            seen.append(item)
+            if len(turns) > 1000:
+                del turns[next(iter(turns))]
+            if kind == "vapi.report":
+                typer.echo(json.dumps({"type": "turn-budget", "call_sid": sid, "turns": lib.turn_budget(seen)}))
 
 
 async def _events(lib: ModuleType, target: Target, filters: Filters, once: bool

@@ -411,8 +411,7 @@ class SimulatedAssistant:
         await self.emit({"type": "model-output", "output": {"text": "Hello" if first else "Sure"},
                          "turnId": self.turn_id})   # to the server only if serverMessages lists it
         if self.user_stopped_at is not None:
-            self.latencies.append({"turnLatency": round((time.monotonic() - self.user_stopped_at) * 1000),
-                                   "modelLatency": self.script.model_latency_ms})
+            self.latencies.append(self.turn_latency(time.monotonic() - self.user_stopped_at))
             self.user_stopped_at = None
         started, wall = time.monotonic(), time.time()
         for i, frame in enumerate(self.codec.tone_frames(hz, ms)):
@@ -456,12 +455,22 @@ class SimulatedAssistant:
         await self.post(self.envelope(status))
         await self.post(self.envelope(self.report()))
 
+    def turn_latency(self, since_stopped: float) -> dict[str, int]:
+        """One ``PerformanceMetrics.turnLatencies`` item (ms): the VAD waited ``VAD_STOP_FRAMES`` of
+        silence (endpointing), transcription is instant here, the model takes ``model_latency_ms`` and
+        the voice what is left of the time from the decision to the first audio; the turn is all of it."""
+        endpointing = VAD_STOP_FRAMES * FRAME_MS
+        measured = round(since_stopped * 1000)
+        model = min(self.script.model_latency_ms, measured)
+        return {"transcriberLatency": 0, "endpointingLatency": endpointing, "modelLatency": model,
+                "voiceLatency": measured - model, "turnLatency": endpointing + measured}
+
     def report(self) -> dict[str, Any]:
-        turns = [t["turnLatency"] for t in self.latencies]
-        metrics = {"turnLatencies": self.latencies, "numUserInterrupted": self.interruptions,
-                   "numAssistantInterrupted": 0,
-                   "turnLatencyAverage": round(sum(turns) / len(turns), 1) if turns else 0,
-                   "modelLatencyAverage": self.script.model_latency_ms}
+        metrics: dict[str, Any] = {"turnLatencies": self.latencies, "numUserInterrupted": self.interruptions,
+                                   "numAssistantInterrupted": 0}
+        for part in ("model", "voice", "transcriber", "endpointing", "turn"):
+            values = [t[f"{part}Latency"] for t in self.latencies]
+            metrics[f"{part}LatencyAverage"] = round(sum(values) / len(values), 1) if values else 0
         text = " ".join(f"{'AI' if t['role'] == 'bot' else 'User'}: {t['message']}" for t in self.transcript)
         return {"type": "end-of-call-report", "endedReason": self.ended_reason,
                 "startedAt": _iso(self.started), "endedAt": _iso(time.time()), "cost": 0,
