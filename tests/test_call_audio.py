@@ -64,9 +64,10 @@ def recorded_call(sims, record_dir, plan: CallerPlan, **script):
 
 def test_both_legs_sample_by_sample(sims, record_dir):
     sent = speech(1000, 500, 300.0)   # the caller speaks after the greeting; the assistant replies
-    result, meta, left, right = recorded_call(sims, record_dir, CallerPlan(audio=sent, hangup_after_s=3.2),
+    # the reply ends ~3 s in; the hang-up at 4.5 s leaves a loaded machine's lag room to play all of it
+    result, meta, left, right = recorded_call(sims, record_dir, CallerPlan(audio=sent, hangup_after_s=4.5),
                                               greeting_ms=600, reply_ms=600)
-    frames = round(3.2 / 0.02)
+    frames = round(4.5 / 0.02)
     # left: every frame the caller sent, from sample 0 (its timestamps), then the silence it streamed
     assert np.array_equal(left[:len(sent)], pcm(sent))
     assert not left[len(sent):frames * 160].any()
@@ -86,7 +87,7 @@ def test_both_legs_sample_by_sample(sims, record_dir):
     assert kinds.index("twilio.voice") < kinds.index("media.start") < kinds.index("media.first-audio") \
         < kinds.index("media.stop")
     offsets = {e["type"]: e["offset_ms"] for e in meta["events"]}
-    assert offsets["twilio.voice"] < 0 <= offsets["media.start"] < 500
+    assert offsets["twilio.voice"] < 0 <= offsets["media.start"] < 2000
     assert meta["complete"] and meta["duration_ms"] >= 3000
 
 

@@ -174,7 +174,7 @@ def test_serve_records_admin_address_0600_and_tail_reconnects_after_a_restart(tm
     def start():
         proc = subprocess.Popen([twivapi, "serve", "--port", "0", "--log-level", "warning"], env=env,
                                 stderr=subprocess.PIPE, text=True)
-        deadline = time.monotonic() + 15
+        deadline = time.monotonic() + 45   # a bound, not a goal: a loaded 2-core machine starts serve slowly
         while not (state / "bridge.json").exists():
             assert time.monotonic() < deadline and proc.poll() is None
             time.sleep(0.05)
@@ -201,7 +201,7 @@ def test_serve_records_admin_address_0600_and_tail_reconnects_after_a_restart(tm
         return notices
 
     try:
-        notices = asyncio.run(asyncio.wait_for(follow_across_restart(), 30))
+        notices = asyncio.run(asyncio.wait_for(follow_across_restart(), 120))
     finally:
         reap(proc, signal.SIGTERM)
     assert notices[0] == "connected" and "disconnected" in notices and notices[-1] == "connected"
