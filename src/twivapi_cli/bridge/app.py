@@ -39,6 +39,7 @@ from .calls import Calls
 from .deps import Deps, deps
 from .drain import Drainer
 from .events import Recorder
+from .forward import Forwarder
 from .http import HttpError, error_response
 from .setup import SetupPool
 from .signals import Signals
@@ -129,8 +130,9 @@ def build_deps(settings: Settings, store: Store, cluster: Cluster, vapi: Any,
     setup = SetupPool(settings, store, calls, drainer, recorder, vapi)
     sweeper = Sweeper(settings, store, cluster, calls, setup, drainer, recorder)
     return Deps(settings=settings, store=store, cluster=cluster, vapi=vapi, recorder=recorder, signals=signals,
-                calls=calls, drainer=drainer, setup=setup, sweeper=sweeper, tools=tools or ToolRegistry.default(),
-                started=time.monotonic())
+                calls=calls, drainer=drainer, setup=setup, sweeper=sweeper,
+                tools=tools or ToolRegistry.from_settings(settings),
+                forwarder=Forwarder(settings, recorder, cluster.instance), started=time.monotonic())
 
 
 def create_app(settings: Settings, store: Store, cluster: Cluster, vapi: Any, *, tools: ToolRegistry | None = None,
@@ -152,6 +154,7 @@ def create_app(settings: Settings, store: Store, cluster: Cluster, vapi: Any, *,
             await bridge.sweeper.stop()
             await bridge.setup.stop()
             await bridge.drainer.stop()
+            await bridge.forwarder.stop()
             await bridge.calls.stop()
             await cluster.close()
             await vapi.aclose()
