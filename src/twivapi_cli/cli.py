@@ -14,7 +14,7 @@ import typer
 from . import __version__
 
 # Order here is the order in --help.
-COMMAND_MODULES = ("demo", "serve", "sim", "replay", "fixtures", "tail", "provision", "doctor", "config")
+COMMAND_MODULES = ("demo", "serve", "sim", "replay", "fixtures", "tail", "provision", "doctor", "config", "tools")
 
 app = typer.Typer(
     name="twivapi",
