@@ -163,6 +163,13 @@ def test_the_decorator_keeps_the_function_and_refuses_what_vapi_would():
         tool(name="no spaces please")(lambda: None)
     with pytest.raises(ValueError, match=r"\*args"):
         tool(name="many")(lambda *items: None)
+    with pytest.raises(ValueError, match="must not start with '_'"):
+        tool(name="private")(lambda _hidden: None)
+
+    def unresolved(x: NotImported) -> None:  # noqa: F821
+        pass
+    with pytest.raises(ValueError, match="annotations do not resolve"):
+        tool(unresolved)
 
 
 def test_serve_tools_answers_tool_calls_from_the_module(tools_file):

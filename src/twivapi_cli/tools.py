@@ -106,18 +106,26 @@ def make_tool(fn: Callable[..., Any], *, name: str | None = None, description: s
 
 
 def _arguments_model(fn: Callable[..., Any], tool_name: str) -> type[pydantic.BaseModel]:
-    hints = typing.get_type_hints(fn, include_extras=True)
+    try:
+        hints = typing.get_type_hints(fn, include_extras=True)
+    except Exception as exc:   # an annotation that does not resolve (a name not imported)
+        raise ValueError(f"tool '{tool_name}': its annotations do not resolve ({type(exc).__name__}: {exc})") from None
     fields: dict[str, Any] = {}
     for parameter in inspect.signature(fn).parameters.values():
         if parameter.kind in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD, parameter.POSITIONAL_ONLY):
             raise ValueError(f"tool '{tool_name}': parameter {parameter.name!r} must be a named parameter "
                              "(no *args, **kwargs or positional-only ones)")
+        if parameter.name.startswith("_"):   # pydantic would take it for a private attribute, not an argument
+            raise ValueError(f"tool '{tool_name}': parameter {parameter.name!r} must not start with '_'")
         annotation = _described(hints.get(parameter.name, Any))
         default = ... if parameter.default is parameter.empty else parameter.default
         fields[parameter.name] = (annotation, default)
     # extra arguments (a model that invents one) are ignored, not an error
     config = pydantic.ConfigDict(extra="ignore", arbitrary_types_allowed=False)
-    return pydantic.create_model(f"{tool_name}_arguments", __config__=config, **fields)
+    try:
+        return pydantic.create_model(f"{tool_name}_arguments", __config__=config, **fields)
+    except Exception as exc:   # a type pydantic cannot validate, a parameter named _private...
+        raise ValueError(f"tool '{tool_name}': {type(exc).__name__}: {exc}".splitlines()[0]) from None
 
 
 def _described(annotation: Any) -> Any:

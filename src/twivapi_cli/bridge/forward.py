@@ -267,5 +267,6 @@ def unreachable(url: str, timeout: float = 2.0) -> str | None:
         with httpx.Client(timeout=timeout) as client:
             client.get(url)
     except httpx.HTTPError as exc:
-        return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        text = str(exc).replace(url, where(url))   # never the URL's query or user:password@
+        return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
     return None
