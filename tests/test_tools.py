@@ -241,6 +241,7 @@ def test_serve_with_tools_and_an_unreachable_forward_url_warns_and_serves(tools_
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=15)
     assert f"twivapi: warning: --forward-to {down} is not reachable now" in err, err
+    assert f"  tools ({tools_file}:ALL and the built-ins): book_table, echo, get_time, lookup_order, " in err
     assert "built-in answer" in err
 
 
