@@ -6,6 +6,7 @@ order per call, its drops counted, Twilio's callbacks re-signed for the app's UR
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import threading
 import time
@@ -22,6 +23,7 @@ from twivapi_cli import signing
 from twivapi_cli.bridge.admin import create_admin_app
 from twivapi_cli.bridge.server import start_in_thread
 from twivapi_cli.store.memory import MemoryStore
+from twivapi_cli.ui import tail_view
 
 from .polling import wait_for
 from .support import PUBLIC, TOKEN, VAPI_SECRET, bridge_settings, free_port, new_call_sid, running_bridge
@@ -190,10 +192,20 @@ def test_what_does_not_fit_the_queue_is_dropped_and_counted_in_metrics_and_healt
             metrics = httpx.get(admin.url + "/metrics").text
             assert "twivapi_forward_dropped_total 7.0" in metrics and "twivapi_forward_queued 3.0" in metrics
             assert httpx.get(bridge.url + "/health").json()["forward_dropped"] == 7
-            assert httpx.get(admin.url + "/latency").json()["counters"]["forward.dropped"] == 7   # tail's stats
+            counters = httpx.get(admin.url + "/latency").json()["counters"]   # what `twivapi tail` shows
+            assert counters["forward.dropped"] == 7
+            assert "forward: 0 answered by your app, 0 built-in fallbacks, 0 delivered, 0 retries, 7 dropped" in \
+                _rendered(tail_view({"sessions": [], "latency": {}, "counters": counters}, []))
         finally:
             fresh.release.set()
             admin.stop()
+
+
+def _rendered(renderable) -> str:
+    from rich.console import Console
+    console = Console(record=True, width=200, file=io.StringIO())
+    console.print(renderable)
+    return console.export_text()
 
 
 def test_twilio_status_callbacks_are_re_signed_for_the_app_s_url(fresh):
