@@ -224,6 +224,23 @@ def test_twilio_status_callbacks_are_re_signed_for_the_app_s_url(fresh):
     assert headers["i-twilio-idempotency-token"] == "tok-1" and headers["x-twivapi-call-sid"] == sid
 
 
+def test_a_json_twilio_callback_is_re_signed_through_body_sha256(fresh):
+    target = fresh.url + "/twilio-json"
+    sid = new_call_sid()
+    body = json.dumps({"CallSid": sid, "CallStatus": "completed"}).encode()
+    with running_bridge(bridge_settings(NO_VAPI, TWIVAPI_FORWARD_TWILIO_URL=target), MemoryStore()) as bridge:
+        signed_url, signature = signing.sign_twilio_json(TOKEN, PUBLIC + "/twilio/status", body)
+        path = signed_url.removeprefix(PUBLIC)
+        reply = bridge.http.post(bridge.url + path, content=body, headers={
+            "content-type": "application/json", "X-Twilio-Signature": signature})
+        assert reply.status_code == 204
+        wait_for(lambda: fresh.bodies("twilio-json"), "forwarded")
+    [(_, headers, got)] = fresh.seen
+    assert got == body
+    forwarded_url = signing.url_with_body_hash(target, body)
+    assert RequestValidator(TOKEN).validate(forwarded_url, body.decode(), headers["x-twilio-signature"])
+
+
 def test_forwarding_is_off_without_a_url(fresh):
     with running_bridge(bridge_settings(NO_VAPI), MemoryStore()) as bridge:
         assert bridge.vapi(tool_calls(new_call_sid())).json()["results"][0]["result"] == "order A1 is shipped"
