@@ -18,7 +18,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 BENCHMARKS = ("bench_startup", "bench_codec", "bench_webhooks", "bench_bridge", "bench_replay", "bench_tail",
-              "bench_scaleout", "bench_burst")
+              "bench_scaleout", "bench_burst", "bench_forward")
 
 
 def print_rows(name: str, rows: list[dict]) -> None:
@@ -130,6 +130,17 @@ def _burst(rows: list[dict]) -> list[dict]:
     return out
 
 
+def _forward(rows: list[dict]) -> list[dict]:
+    builtin = _by(rows, "setup", "built-in tool (lookup_order)")
+    forwarded = _by(rows, "setup", "--forward-to the app")
+    app = _by(rows, "setup", "the app alone (no bridge)")
+    return [{"figure": "tool-call round trip through `serve`: --forward-to an app on loopback vs the built-in tool",
+             "twivapi": f"--forward-to p50 {forwarded['p50_ms']} ms, p99 {forwarded['p99_ms']} ms",
+             "side by side with": f"built-in p50 {builtin['p50_ms']} ms, p99 {builtin['p99_ms']} ms; the app alone "
+                                  f"p50 {app['p50_ms']} ms",
+             "ratio": f"+{forwarded['added_p50_ms']} ms p50, +{forwarded['added_p99_ms']} ms p99"}]
+
+
 def _startup(rows: list[dict]) -> list[dict]:
     ours = next(row for row in rows if row["command"].startswith("twivapi"))
     twilio = next((row for row in rows if row["command"].startswith("twilio")), None)
@@ -142,7 +153,8 @@ def _startup(rows: list[dict]) -> list[dict]:
 
 
 HEADLINES = {"bench_startup": _startup, "bench_codec": _codec, "bench_webhooks": _webhooks, "bench_bridge": _bridge,
-             "bench_replay": _replay, "bench_tail": _tail, "bench_scaleout": _scaleout, "bench_burst": _burst}
+             "bench_replay": _replay, "bench_tail": _tail, "bench_scaleout": _scaleout, "bench_burst": _burst,
+             "bench_forward": _forward}
 
 
 def summary(benchmarks: dict[str, dict]) -> list[dict]:

@@ -107,7 +107,9 @@ ROOTS = ("CreateAssistantDTO", "UpdateAssistantDTO", "CreateTwilioPhoneNumberDTO
          "CreateCallDTO", "ClientInboundMessageAddMessage", "ClientInboundMessageControl", "ClientInboundMessageSay",
          "ClientInboundMessageEndCall", "ClientInboundMessageTransfer", "ClientInboundMessageSendTransportMessage")
 NESTED = ("Server", "CreateCustomerDTO", "AudioFormat", "VapiWebsocketTransport", "VonageTransport",
-          "TwilioTransport", "VapiSipTransport", "TelnyxTransport", "VapiWebCallTransport")
+          "TwilioTransport", "VapiSipTransport", "TelnyxTransport", "VapiWebCallTransport",
+          # an assistant's model.tools[] of type "function" (serve/provision --tools), checked by the simulator
+          "CreateFunctionToolDTO", "OpenAIFunction", "OpenAIFunctionParameters", "JsonSchema")
 
 
 def _shallow(schema: dict) -> dict:
@@ -127,9 +129,12 @@ def shallow_property(node: dict) -> dict:
             return {"oneOf": refs, "discriminator": "provider"}
         kinds = {"object" if r else a.get("type") for r, a in zip(refs, alts, strict=True)}
         return {"type": kinds.pop()} if len(kinds) == 1 and None not in kinds else {}
-    out = {k: node[k] for k in ("type", "enum", "minimum", "maximum", "minLength", "maxLength") if k in node}
+    out = {k: node[k] for k in ("type", "enum", "minimum", "maximum", "minLength", "maxLength", "pattern") if k in node}
     if out.get("type") == "object" and all(isinstance(v, str) for v in out.get("enum", [None])):
         out["type"] = "string"
+    values = (node.get("additionalProperties") or {}).get("$ref", "").rsplit("/", 1)[-1]
+    if out.get("type") == "object" and values in NESTED:   # a map of DTOs (JsonSchema.properties)
+        out["additionalProperties"] = {"$ref": values}
     if out.get("type") == "array":
         items = node.get("items", {})
         item = {"type": "object"} if "$ref" in items else {k: items[k] for k in ("type", "enum") if k in items}

@@ -15,7 +15,7 @@ from . import __version__
 
 # Order here is the order in --help.
 COMMAND_MODULES = ("demo", "serve", "tunnel", "sim", "replay", "fixtures", "tail", "inspect", "provision", "doctor",
-                   "config")
+                   "config", "tools")
 
 app = typer.Typer(
     name="twivapi",

@@ -339,6 +339,26 @@ SETTINGS: tuple[Setting, ...] = (
             _positive_float),
     Setting("record_max_age_days", "TWIVAPI_RECORD_MAX_AGE_DAYS", 7.0,
             "Recordings older than this many days are deleted from the record dir.", _positive_float),
+    Setting("forward_url", "TWIVAPI_FORWARD_URL", None,
+            "`serve --forward-to`: your app's URL; every Vapi server message is forwarded to it as Vapi sent it "
+            "(same body and credential), and request messages (tool-calls...) are answered with its answer.", _url),
+    Setting("forward_twilio_url", "TWIVAPI_FORWARD_TWILIO_URL", None,
+            "`serve --forward-twilio-to`: your app's URL for Twilio's status callbacks, re-signed "
+            "(X-Twilio-Signature) for it.", _url),
+    Setting("forward_timeout", "TWIVAPI_FORWARD_TIMEOUT", 8.0,
+            "Seconds your app has to answer a forwarded request message (below Vapi's 20 s server timeout); "
+            "then, or on an error, Vapi gets the bridge's built-in answer.", _positive_float),
+    Setting("forward_queue_limit", "TWIVAPI_FORWARD_QUEUE_LIMIT", 1000,
+            "Informational messages waiting to be forwarded at once; past it new ones are dropped and counted "
+            "(forward.dropped).", _positive_int),
+    Setting("forward_retries", "TWIVAPI_FORWARD_RETRIES", 5,
+            "Attempts per forwarded informational message (exponential backoff from 0.25 s) before it is "
+            "dropped and counted.", _positive_int),
+    Setting("tools", "TWIVAPI_TOOLS", None,
+            "`serve --tools module:attr` (or path/to/tools.py:attr): your Python tool functions, beside the "
+            "built-in ones."),
+    Setting("tool_timeout", "TWIVAPI_TOOL_TIMEOUT", 10.0,
+            "Seconds a tool function (--tools) may run before the call gets an error result.", _positive_float),
     Setting("ngrok_authtoken", "NGROK_AUTHTOKEN", None, "ngrok auth token for `serve --tunnel`.",
             secret=True),
     Setting("ngrok_path", "TWIVAPI_NGROK_PATH", None,
@@ -395,6 +415,13 @@ class Settings:
     record_dir: Path | None = None
     record_max_mb: float = 1000.0
     record_max_age_days: float = 7.0
+    forward_url: str | None = None
+    forward_twilio_url: str | None = None
+    forward_timeout: float = 8.0
+    forward_queue_limit: int = 1000
+    forward_retries: int = 5
+    tools: str | None = None
+    tool_timeout: float = 10.0
     ngrok_authtoken: Secret | None = None
     ngrok_path: str | None = None
     ngrok_install: bool = False

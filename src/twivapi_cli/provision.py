@@ -122,6 +122,7 @@ class Options:
     country: str = "US"
     assistant_name: str = "twivapi"
     assistant: dict | None = None     # from --assistant-file
+    tools: list[dict] | None = None   # from --tools: function-tool definitions (CreateFunctionToolDTO)
 
 
 @dataclass
@@ -224,6 +225,8 @@ async def plan(accounts: Accounts, options: Options, state: State) -> Plan:
     if options.mode == "stream":
         listed = list(assistant_body.get("serverMessages") or [])
         assistant_body["serverMessages"] = listed + [m for m in CALL_CONTROL_MESSAGES if m not in listed]
+    if options.tools:
+        assistant_body["model"] = with_tools(assistant_body.get("model") or {}, options.tools)
     if public:
         server: dict[str, Any] = {"url": f"{public}/vapi/webhook", "timeoutSeconds": 20}
         if settings.vapi_webhook_secret:
@@ -253,6 +256,15 @@ async def plan(accounts: Accounts, options: Options, state: State) -> Plan:
                               data={"voice_url": f"{public}/twilio/voice", "status_callback": f"{public}/twilio/status"}))
     notes = [] if options.mode != "stream" else ["stream mode: run `twivapi serve` at the public URL"]
     return Plan(actions, notes)
+
+
+def with_tools(model: dict, tools: list[dict]) -> dict:
+    """``model`` with ``tools`` in its ``tools`` list: a function tool of the same name replaced, the
+    rest (other functions, Vapi's own tools) kept in order."""
+    names = {t["function"]["name"] for t in tools}
+    kept = [t for t in model.get("tools") or [] if not (
+        isinstance(t, dict) and t.get("type") == "function" and (t.get("function") or {}).get("name") in names)]
+    return {**model, "tools": kept + tools}
 
 
 # --- the number to buy ------------------------------------------------------------------------------

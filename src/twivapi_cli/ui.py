@@ -112,8 +112,24 @@ def tail_view(snapshot: dict, recent: list[Text], status: Text | None = None, dr
     if dropped:
         footer.append(f"  ({dropped} events dropped by the bridge for this viewer)", style="red bold")
     return Group(sessions_table(snapshot.get("sessions", [])), latency_table(snapshot.get("latency", {})),
+                 *forward_line(snapshot.get("counters", {})),
                  Panel(Group(*recent) if recent else Text("(no events yet)", style="dim"), title="events",
                        title_align="left"), footer)
+
+
+FORWARD_COUNTERS = (("forward.answered", "answered by your app"), ("forward.fallback", "built-in fallbacks"),
+                    ("forward.delivered", "delivered"), ("forward.retried", "retries"), ("forward.dropped", "dropped"))
+
+
+def forward_line(counters: dict) -> list[Text]:
+    """`serve --forward-to`'s counters, when it forwards: one line (dropped ones in red)."""
+    if not any(name in counters for name, _ in FORWARD_COUNTERS):
+        return []
+    line = Text("forward: ")
+    for i, (name, label) in enumerate(FORWARD_COUNTERS):
+        line.append(("" if i == 0 else ", ") + f"{counters.get(name, 0)} {label}",
+                    style="red bold" if name == "forward.dropped" and counters.get(name) else "")
+    return [line]
 
 
 # --- replay -----------------------------------------------------------------------------------------

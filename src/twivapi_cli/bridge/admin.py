@@ -152,6 +152,15 @@ class _Collector:
                                       "media.bad_message", "vapi.setup-failed", "state.rejected",
                                       "media.handshake_refused", "parked.dropped")))
         yield GaugeMetricFamily("twivapi_active_sessions", "Sessions not yet ended", value=self.active)
+        forwarder = self.bridge.forwarder
+        if forwarder.vapi_url or forwarder.twilio_url:   # serve --forward-to / --forward-twilio-to
+            yield GaugeMetricFamily("twivapi_forward_queued", "Informational messages waiting to be forwarded",
+                                    value=forwarder.queued)
+            yield CounterMetricFamily("twivapi_forward_dropped", "Forwarded messages dropped (queue full or "
+                                      "undeliverable after retries)", value=counters.get("forward.dropped", 0))
+            yield CounterMetricFamily("twivapi_forward_fallbacks", "Request messages answered with the built-in "
+                                      "answer because the app did not answer in time or well",
+                                      value=counters.get("forward.fallback", 0))
 
 
 def _buckets(histogram: Histogram) -> list[tuple[str, float]]:

@@ -40,6 +40,7 @@ from .calls import Calls
 from .deps import Deps, deps
 from .drain import Drainer
 from .events import Recorder
+from .forward import Forwarder
 from .http import HttpError, error_response
 from .setup import SetupPool
 from .signals import Signals
@@ -132,8 +133,9 @@ def build_deps(settings: Settings, store: Store, cluster: Cluster, vapi: Any,
     setup = SetupPool(settings, store, calls, drainer, recorder, vapi)
     sweeper = Sweeper(settings, store, cluster, calls, setup, drainer, recorder)
     return Deps(settings=settings, store=store, cluster=cluster, vapi=vapi, recorder=recorder, signals=signals,
-                calls=calls, drainer=drainer, setup=setup, sweeper=sweeper, tools=tools or ToolRegistry.default(),
-                control=control, started=time.monotonic())
+                calls=calls, drainer=drainer, setup=setup, sweeper=sweeper,
+                tools=tools or ToolRegistry.from_settings(settings), control=control,
+                forwarder=Forwarder(settings, recorder, cluster.instance), started=time.monotonic())
 
 
 def create_app(settings: Settings, store: Store, cluster: Cluster, vapi: Any, *, tools: ToolRegistry | None = None,
@@ -155,6 +157,7 @@ def create_app(settings: Settings, store: Store, cluster: Cluster, vapi: Any, *,
             await bridge.sweeper.stop()
             await bridge.setup.stop()
             await bridge.drainer.stop()
+            await bridge.forwarder.stop()
             await bridge.calls.stop()
             await bridge.control.aclose()
             await cluster.close()

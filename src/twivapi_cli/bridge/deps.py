@@ -15,6 +15,7 @@ from .call_control import CallControl
 from .calls import Calls
 from .drain import Drainer
 from .events import Recorder
+from .forward import Forwarder
 from .lifecycle import Lifecycle
 from .setup import SetupPool
 from .signals import Signals
@@ -37,6 +38,7 @@ class Deps:
     sweeper: Sweeper
     tools: ToolRegistry
     control: CallControl       # phone-call-control on the Twilio call (forward, hang-up)
+    forwarder: Forwarder       # --forward-to / --forward-twilio-to (idle when neither is set)
     started: float             # time.monotonic() when the app was built (health's uptime)
     lifecycle: Lifecycle = field(default_factory=Lifecycle)   # draining or not
     http_counts: dict[tuple[str, int], int] = field(default_factory=dict)   # responses by (route, status)
@@ -47,7 +49,7 @@ class Deps:
         return self.cluster.instance
 
     def stats(self) -> dict[str, int]:
-        return {**self.setup.stats(), **self.drainer.stats()}
+        return {**self.setup.stats(), **self.drainer.stats(), **self.forwarder.stats()}
 
 
 def deps(connection: HTTPConnection) -> Deps:

@@ -169,6 +169,8 @@ def serve_forever(settings: Settings, *, log_level: str = "info", announce: Call
         announce(line)
 
     bridge: Deps = app.state.deps
+    if settings.tools:
+        announce(f"  tools ({settings.tools} and the built-ins): {', '.join(bridge.tools.names)}")
 
     async def main() -> None:
         stopping = asyncio.Event()

@@ -4,7 +4,8 @@ A handler takes the call's arguments (a dict) and returns a string or JSON-able 
 sync or async. Unknown tools and failing handlers give an ``error`` result, never an HTTP error:
 Vapi ignores anything but a 200 (reference/vapi.md §2.3). Results are single-line strings.
 
-Built-in tools (register your own with ``ToolRegistry.register``):
+Built-in tools (``serve --tools module:attr`` adds yours: ``twivapi_cli/tools.py``; or register a
+handler with ``ToolRegistry.register``):
 - ``get_time``: the current UTC time, ISO 8601.
 - ``echo``: returns its arguments as JSON (handy in fixtures).
 - ``lookup_order``: demo data: ``{"order_id": "A1"}`` -> the order's status.
@@ -17,7 +18,11 @@ import datetime
 import inspect
 import json
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ..config import Settings
+    from ..tools import Tool
 
 HANDLER_TIMEOUT = 15.0  # below Vapi's default 20 s server timeout
 DEMO_ORDERS = {"A1": "shipped", "B2": "processing", "C3": "delivered"}
@@ -56,6 +61,7 @@ def _arguments(raw: Any) -> dict:
 class ToolRegistry:
     def __init__(self) -> None:
         self._handlers: dict[str, Callable[[dict], Any]] = {}
+        self._timeouts: dict[str, float] = {}
 
     @classmethod
     def default(cls) -> ToolRegistry:
@@ -65,8 +71,24 @@ class ToolRegistry:
         registry.register("lookup_order", _lookup_order)
         return registry
 
-    def register(self, name: str, handler: Callable[[dict], Any]) -> None:
+    @classmethod
+    def from_settings(cls, settings: Settings) -> ToolRegistry:
+        """The built-ins, and the tools ``TWIVAPI_TOOLS`` names (theirs win on a shared name);
+        UsageError (exit 2) when that module does not import."""
+        registry = cls.default()
+        if settings.tools:
+            from ..tools import load_tools
+            for found in load_tools(settings.tools):
+                registry.add(found, settings.tool_timeout)
+        return registry
+
+    def register(self, name: str, handler: Callable[[dict], Any], timeout: float = HANDLER_TIMEOUT) -> None:
         self._handlers[name] = handler
+        self._timeouts[name] = timeout
+
+    def add(self, tool: Tool, timeout: float) -> None:
+        """A ``twivapi_cli.tools.Tool``: its arguments validated, run within its (or this) timeout."""
+        self.register(tool.name, lambda args: tool.run(args, timeout), tool.timeout or timeout)
 
     @property
     def names(self) -> list[str]:
@@ -83,7 +105,7 @@ class ToolRegistry:
         try:
             result = handler(args)
             if inspect.isawaitable(result):
-                result = await asyncio.wait_for(result, HANDLER_TIMEOUT)
+                result = await asyncio.wait_for(result, self._timeouts[name])
         except TimeoutError:
             return {"toolCallId": call_id, "name": name, "error": f"tool '{name}' timed out"}
         except Exception as exc:  # a failing tool is an answer to Vapi, not a crash

@@ -30,13 +30,18 @@ NATIVE_TEXT = "This number is answered by Vapi directly. Please point its voice 
 
 async def signed_params(request: Request) -> Params:
     """Read, bound, parse and authenticate a Twilio webhook; 4xx on anything wrong."""
+    return (await signed_request(request))[0]
+
+
+async def signed_request(request: Request) -> tuple[Params, bytes, bool]:
+    """``signed_params``, with the raw body and whether it was a form (not JSON)."""
     body = await read_body(request)
     params = parse_twilio_form(body, request.headers.get("content-type", ""))
     check_twilio_signature(deps(request).settings, request, params, body)
     if params is None:  # JSON body, already authenticated through bodySHA256
         data = parse_json_object(body)
-        params = Params({k: [v if isinstance(v, str) else json.dumps(v)] for k, v in data.items()})
-    return params
+        return Params({k: [v if isinstance(v, str) else json.dumps(v)] for k, v in data.items()}), body, False
+    return params, body, True
 
 
 def require_call_sid(params: Params) -> str:
@@ -162,9 +167,19 @@ async def _bypass(request: Request, call_sid: str, session: Session, created: bo
 
 async def status(request: Request) -> Response:
     received = time.time()
-    app = deps(request)
-    params = await signed_params(request)
+    params, body, form = await signed_request(request)
     call_sid = require_call_sid(params)
+    first = await _status(request, params, call_sid, received)
+    forwarder = deps(request).forwarder
+    if forwarder.twilio_url and first:   # after our own processing; a retry is not forwarded again
+        forwarder.inform_twilio(call_sid, body, request.headers.get("content-type", ""), params if form else None,
+                                request.headers.get("i-twilio-idempotency-token"))
+    return Response(status_code=204)
+
+
+async def _status(request: Request, params: Params, call_sid: str, received: float) -> bool:
+    """Apply an authenticated status callback; False when it is a retry of one already applied."""
+    app = deps(request)
     call_status = params.first("CallStatus")
     if not call_status:
         raise HttpError(400, "missing_field", "CallStatus is required")
@@ -174,20 +189,20 @@ async def status(request: Request) -> Response:
     if not await _claim_retry(request, "status"):
         await app.recorder.record(EventType.TWILIO_STATUS_DUPLICATE, call_sid, received_at=received,
                                   status=call_status)
-        return Response(status_code=204)
+        return False
     event = await app.recorder.record(EventType.TWILIO_STATUS, call_sid, received_at=received, status=call_status,
                                       sequence=sequence)
     await app.recorder.mark(event, acked=True)
     session = await app.store.get_session(call_sid)
     if session is None:
-        return Response(status_code=204)
+        return True
     if sequence is not None and not await app.store.apply_status_sequence(call_sid, int(sequence)):
         await app.recorder.record(EventType.TWILIO_STATUS_STALE, call_sid, status=call_status, sequence=sequence)
-        return Response(status_code=204)
+        return True
     if call_status in TERMINAL_TWILIO_STATUSES:
         await app.calls.end(call_sid, f"twilio-{call_status}")
     await app.recorder.mark(event, processed=True)
-    return Response(status_code=204)
+    return True
 
 
 async def after_stream(request: Request) -> Response:

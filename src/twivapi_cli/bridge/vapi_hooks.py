@@ -1,9 +1,11 @@
 """Vapi server-URL messages: authenticate, acknowledge at once, process in order per call.
 
 Messages that need an answer (assistant-request, tool-calls, and the other request types) are
-answered inline, well inside Vapi's deadlines. Everything else is acknowledged with ``{}`` and
-queued on the call's FIFO; a message for a call whose session does not exist yet is parked until
-it does (the seed's race), within bounds.
+answered inline, well inside Vapi's deadlines: by ``_answer`` (the built-in answers), or with
+``--forward-to`` by the user's app, ``_answer`` being its fallback (``forward.py``). Everything else
+is acknowledged with ``{}`` and queued on the call's FIFO (and, with ``--forward-to``, on the
+app's); a message for a call whose session does not exist yet is parked until it does (the seed's
+race), within bounds.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from .call_control import CallControl, transfer_destination
 from .calls import Calls
 from .deps import Deps, deps
 from .events import Recorder
+from .forward import vapi_signer
 from .http import HttpError, parse_json_object, public_url_for, read_body
 from .signals import Signals
 
@@ -41,6 +44,12 @@ KNOWN_TYPES = frozenset({
     "phone-call-control", "language-change-detected", "language-changed", "voice-input",
     "assistant.speechStarted", "assistant.started", "chat.created", "chat.deleted", "session.created",
     "session.updated", "session.deleted", "call.deleted", "call.delete.failed", "call.artifact.upload",
+})
+
+# The types Vapi waits for an answer to (a ServerMessageResponse* schema): answered inline.
+REQUEST_TYPES = frozenset({
+    "assistant-request", "tool-calls", "function-call", "transfer-destination-request", "handoff-destination-request",
+    "knowledge-base-request", "call.endpointing.request", "campaign.predial",
 })
 
 
@@ -105,8 +114,12 @@ async def webhook(request: Request) -> Response:
     message = parse_message(body)
     kind = message["type"]
     call_sid, vapi_id = call_ids(message)
+    forward = functools.partial(vapi_signer, settings, how, request.headers, body)   # made only when forwarding
     if kind not in KNOWN_TYPES:
-        return await _unknown_type(app, kind, call_sid, vapi_id, received)
+        response = await _unknown_type(app, kind, call_sid, vapi_id, received)
+        if app.forwarder.vapi_url:   # new to us, maybe not to the app
+            app.forwarder.inform_vapi(kind, body, forward(), call_sid, call_sid or vapi_id or "")
+        return response
     first: bool | None = None   # first delivery of this body? asked once, when it matters
     if _is_barge_in(message, app.settings.barge_in):   # urgent: stale audio must stop now, not after the queue
         first = await _first_delivery(app.store, body)
@@ -114,13 +127,19 @@ async def webhook(request: Request) -> Response:
             await _interrupt_now(app, message, call_sid, vapi_id, received)
     event = await app.recorder.record(EventType.vapi_message(kind), call_sid, received_at=received, vapi_call_id=vapi_id,
                                       **_summary(message))
-    reply = await _answer(app, kind, message)
+    builtin = functools.partial(_answer, app, kind, message)
+    if kind in REQUEST_TYPES and app.forwarder.vapi_url:
+        reply = await app.forwarder.answer(kind, body, forward(), call_sid, builtin)
+    else:
+        reply = await builtin()
     if reply is None:
         reply = {}
         if first is None:
             first = await _first_delivery(app.store, body)
         if first:
             await _dispatch(app, message, call_sid, vapi_id, event)
+            if app.forwarder.vapi_url:   # after the bridge's own processing is queued; never holds the ack
+                app.forwarder.inform_vapi(kind, body, forward(), call_sid, call_sid or vapi_id or "")
         else:
             session = await _session_for(app.store, message)
             await app.recorder.record(EventType.VAPI_DUPLICATE, session.call_sid if session else call_sid, type=kind,

@@ -21,6 +21,9 @@ def register(app: typer.Typer) -> None:
         assistant_name: str = typer.Option("twivapi", "--assistant-name", help="Matched by name: reruns update it."),
         assistant_file: Optional[Path] = typer.Option(None, "--assistant-file", help="Assistant JSON or YAML."),
         public_url: Optional[str] = typer.Option(None, "--public-url", help="The bridge's public URL."),
+        tools: Optional[str] = typer.Option(None, "--tools", help="Add your tool functions (module:attr or "
+                                            "path/to/tools.py:attr, as serve --tools) to the assistant's "
+                                            "model.tools [TWIVAPI_TOOLS]."),
         dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan; change nothing."),
         yes: bool = typer.Option(False, "--yes", help="Do not ask before acting (buying costs money)."),
         as_json: bool = typer.Option(False, "--json", help="Print a machine-readable result."),
@@ -33,11 +36,12 @@ def register(app: typer.Typer) -> None:
         from .. import provision as lib
         from ..ui import plan_table
 
-        settings = load({"mode": mode, "public_url": public_url}, env_file)
+        settings = load({"mode": mode, "public_url": public_url, "tools": tools}, env_file)
         with errors_to_exit():
             options = lib.Options(mode=settings.mode, number=number, area_code=area_code, country=country,
                                   assistant_name=assistant_name,
-                                  assistant=lib.load_assistant_file(assistant_file) if assistant_file else None)
+                                  assistant=lib.load_assistant_file(assistant_file) if assistant_file else None,
+                                  tools=_tool_definitions(settings.tools))
             state = lib.State.load(settings.state_dir)
 
             async def run():
@@ -72,6 +76,13 @@ def register(app: typer.Typer) -> None:
                                        "buys": buy.data["phone_number"] if buy else None, "state": result}, indent=2))
             elif result is not None:
                 stdout_console().print(f"[green]done[/green]: state in {state.path}")
+
+    def _tool_definitions(spec: Optional[str]) -> Optional[list]:
+        if not spec:
+            return None
+        from ..tools import load_tools
+
+        return [found.definition() for found in load_tools(spec)]
 
     @app.command("teardown")
     def teardown(

@@ -34,17 +34,27 @@ def register(app: typer.Typer) -> None:
         record: Optional[Path] = typer.Option(None, "--record", help="Record every call into this directory: "
                                                                     "<CallSid>.wav (stereo: the caller, what the caller "
                                                                     "heard) and <CallSid>.json [TWIVAPI_RECORD_DIR]."),
+        forward_to: Optional[str] = typer.Option(None, "--forward-to", help="Forward every Vapi server message to "
+                                                 "your app at this URL; request messages get its answer "
+                                                 "[TWIVAPI_FORWARD_URL]."),
+        forward_twilio_to: Optional[str] = typer.Option(None, "--forward-twilio-to", help="Forward Twilio's status "
+                                                        "callbacks to this URL, re-signed for it "
+                                                        "[TWIVAPI_FORWARD_TWILIO_URL]."),
+        tools: Optional[str] = typer.Option(None, "--tools", help="Your tool functions: module:attr or "
+                                            "path/to/tools.py:attr [TWIVAPI_TOOLS]."),
         log_level: str = typer.Option("info", "--log-level", help="uvicorn/twivapi log level."),
         env_file: Path = ENV_FILE_OPTION,
     ):
         """Run the bridge: Twilio voice/status webhooks, Vapi server messages, the media stream."""
         settings = load({"host": host, "port": port, "public_url": public_url, "mode": mode, "store": store,
                          "audio_format": audio_format, "ngrok_install": True if yes else None,
-                         "record_dir": record}, env_file)
+                         "record_dir": record, "forward_url": forward_to, "forward_twilio_url": forward_twilio_to,
+                         "tools": tools}, env_file)
         with errors_to_exit():
             from ..bridge.server import serve_forever
 
             announce = lambda line: typer.echo(line, err=True)  # noqa: E731
+            _check_forward_targets(settings, announce)
             if not tunnel:
                 _check_public_url(settings, allow_ws, announce)
                 serve_forever(settings, log_level=log_level, announce=announce)
@@ -58,6 +68,18 @@ def _check_public_url(settings, allow_ws: bool, announce) -> None:
 
     for warning in check_public_url(settings, allow_ws=allow_ws):
         announce(f"twivapi: warning: {warning}")
+
+
+def _check_forward_targets(settings, announce) -> None:
+    """An app that is not up yet is a warning, not a reason to stop: it may start after the bridge."""
+    from ..bridge.forward import unreachable, where
+
+    for flag, url in (("--forward-to", settings.forward_url), ("--forward-twilio-to", settings.forward_twilio_url)):
+        if url:
+            why = unreachable(url)
+            announce(f"  forwarding to {where(url)} ({flag})" if why is None else
+                     f"twivapi: warning: {flag} {where(url)} is not reachable now ({why}); messages get the "
+                     "built-in answers (informational ones are retried, then dropped and counted) until it is")
 
 
 def _on_a_terminal() -> bool:

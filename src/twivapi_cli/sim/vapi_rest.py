@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import hmac
 import json
+import re
 import uuid
 from collections.abc import Awaitable, Callable
 from functools import lru_cache
@@ -140,10 +141,31 @@ def _check(value: Any, rule: dict, name: str, prefix: str) -> list[str]:
         errors.append(f"{prefix}{name} must be shorter than or equal to {rule['maxLength']} characters")
     if "minLength" in rule and len(value) < rule["minLength"]:
         errors.append(f"{prefix}{name} must be longer than or equal to {rule['minLength']} characters")
+    if "pattern" in rule and not re.search(rule["pattern"].strip("/"), value):
+        errors.append(f"{prefix}{name} must match {rule['pattern']} regular expression")
     item_enum = rule.get("items", {}).get("enum")
     if kind == "array" and item_enum and any(v not in item_enum for v in value):
         errors.append(f"{prefix}each value in {name} must be one of the following values: {', '.join(item_enum)}")
+    item_type = rule.get("items", {}).get("type")
+    if kind == "array" and item_type in TYPE_CHECKS and not all(TYPE_CHECKS[item_type][0](v) for v in value):
+        errors.append(f"{prefix}each value in {name} {TYPE_CHECKS[item_type][1]}")
+    if kind == "object" and "additionalProperties" in rule:   # a map of DTOs (JsonSchema.properties)
+        for key, item in value.items():
+            errors += _check(item, rule["additionalProperties"], f"{name}.{key}", prefix)
     return errors
+
+
+def model_tool_errors(body: Any) -> list[str]:
+    """An assistant's ``model.tools[]``: the ``function`` ones checked as ``CreateFunctionToolDTO``
+    (the model itself is a union by provider, kept shallow)."""
+    model = body.get("model") if isinstance(body, dict) else None
+    tools = model.get("tools") if isinstance(model, dict) else None
+    if tools is None:
+        return []
+    if not isinstance(tools, list):
+        return ["model.tools must be an array"]
+    return [error for i, item in enumerate(tools) if isinstance(item, dict) and item.get("type") == "function"
+            for error in validate(item, "CreateFunctionToolDTO", prefix=f"model.tools.{i}.")]
 
 
 def _check_union(value: Any, rule: dict, name: str, prefix: str) -> list[str]:
@@ -160,6 +182,8 @@ def _check_union(value: Any, rule: dict, name: str, prefix: str) -> list[str]:
 
 def check(body: Any, schema_name: str, extras: dict | None = None) -> dict:
     errors = validate(body, schema_name, extras)
+    if schema_name in ("CreateAssistantDTO", "UpdateAssistantDTO"):
+        errors += model_tool_errors(body)
     if errors:
         raise VapiError(400, errors)
     return body
