@@ -192,7 +192,9 @@ def test_serve_records_admin_address_0600_and_tail_reconnects_after_a_restart(tm
         async for item in agen:
             if isinstance(item, lib.Notice):
                 notices.append(item.kind)
-                if notices == ["connected"]:
+                # the first connection (a loaded machine may refuse an attempt or two before it):
+                # restart the bridge under it; the next connection is to the new process
+                if item.kind == "connected" and notices.count("connected") == 1:
                     await asyncio.to_thread(reap, proc, signal.SIGTERM)
                     proc = await asyncio.to_thread(start)
                 elif notices.count("connected") == 2:
@@ -204,5 +206,6 @@ def test_serve_records_admin_address_0600_and_tail_reconnects_after_a_restart(tm
         notices = asyncio.run(asyncio.wait_for(follow_across_restart(), 120))
     finally:
         reap(proc, signal.SIGTERM)
-    assert notices[0] == "connected" and "disconnected" in notices and notices[-1] == "connected"
+    first = notices.index("connected")
+    assert "disconnected" in notices[first:] and notices[-1] == "connected", notices
     assert not (state / "bridge.json").exists()   # removed on a clean exit
