@@ -134,10 +134,14 @@ def write_bridge_file(state_dir: Path, admin_url: str, token: str, public_port: 
     """Where `twivapi tail` finds this bridge: admin address and token, readable by the owner only."""
     state_dir.mkdir(parents=True, exist_ok=True)
     path = state_dir / BRIDGE_FILE
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    # written beside it, then renamed over it: a `tail` reading at that moment sees the old file or the
+    # new one, never a half-written one (which it would take for no bridge at all)
+    partial = path.with_name(f".{BRIDGE_FILE}.{os.getpid()}")
+    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as handle:
         json.dump({"admin_url": admin_url, "token": token, "pid": os.getpid(), "port": public_port}, handle)
-    os.chmod(path, 0o600)
+    os.chmod(partial, 0o600)
+    os.replace(partial, path)
     return path
 
 
