@@ -106,7 +106,11 @@ class Caller:
                 "mediaFormat": {"encoding": "audio/x-mulaw", "sampleRate": 8000, "channels": 1}}}))
             receiver = asyncio.create_task(self.receive(ws))
             await self.send(ws, stream_sid, http)
-            await asyncio.sleep(0.3)   # the last frames' way back (twivapi paces up to 120 ms ahead)
+            # the echo's way back: twivapi plays what waited for Vapi's socket at real time, so its
+            # echo may trail by the setup time; stop once it is all back (or after 3 s)
+            deadline = time.monotonic() + 3
+            while self.returned() < 1.0 and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
             await ws.send(json.dumps({"event": "stop", "streamSid": stream_sid, "stop": {"callSid": self.sid}}))
             await asyncio.sleep(0.1)
             receiver.cancel()

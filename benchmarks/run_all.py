@@ -118,6 +118,14 @@ def _scaleout(rows: list[dict]) -> list[dict]:
                     "twivapi": f"2 x Redis {two['rps']}/s, p99 {two['p99_ms']} ms",
                     "side by side with": f"1 x SQLite {one['rps']}/s, p99 {one['p99_ms']} ms",
                     "ratio": _ratio(two["rps"], one["rps"])})
+    by_workers = {row["workers"]: row for row in rows if "workers" in row}
+    if 1 in by_workers and 2 in by_workers:
+        one, two = by_workers[1], by_workers[2]
+        out.append({"figure": "serve --workers 2 vs 1 (Redis): webhooks/s at 50 connections; media calls per machine",
+                    "twivapi": f"2 workers {two.get('webhooks_per_s')}/s; {two['media_calls_per_machine']} calls",
+                    "side by side with": f"1 worker {one.get('webhooks_per_s')}/s; {one['media_calls_per_machine']} calls",
+                    "ratio": f"{_ratio(two.get('webhooks_per_s'), one.get('webhooks_per_s'))} webhooks, "
+                             f"{_ratio(two['media_calls_per_machine'], one['media_calls_per_machine'])} calls"})
     for row in rows:
         if "figure" in row:
             out.append({"figure": row["figure"], "twivapi": f"p50 {row['p50_ms']} ms, p99 {row['p99_ms']} ms",

@@ -111,9 +111,9 @@ def _config(app: ASGIApp, host: str, port: int, log_level: str, keepalive: float
                           ws_per_message_deflate=False)
 
 
-def _bind_or_explain(host: str, port: int, setting: str) -> socket.socket:
+def _bind_or_explain(host: str, port: int, setting: str, reuse_port: bool = False) -> socket.socket:
     try:
-        return bind(host, port)
+        return bind(host, port, reuse_port=reuse_port)
     except OSError as exc:
         raise TwivapiError(f"cannot listen on {host}:{port} ({exc.strerror or exc})",
                            hint=f"is another bridge running? choose another port with {setting}") from None
@@ -138,9 +138,11 @@ def write_bridge_file(state_dir: Path, admin_url: str, token: str, public_port: 
 
 
 def serve_forever(settings: Settings, *, log_level: str = "info", announce: Callable[[str], Any] = print,
-                  record_to: Path | None = None) -> None:
+                  record_to: Path | None = None, reuse_port: bool = False, state_dir: Path | None = None) -> None:
     """The public app on --host/--port and the admin app on 127.0.0.1:<admin port>, one event loop.
-    SIGTERM or Ctrl-C drains first (``lifecycle.py``); a second one stops at once."""
+    SIGTERM or Ctrl-C drains first (``lifecycle.py``); a second one stops at once. ``reuse_port``:
+    the port is shared with other workers (``workers.py``); ``state_dir``: where the bridge file goes
+    (default: the settings' state dir)."""
     from . import build_app
     from .admin import create_admin_app
     from .lifecycle import drain, live_calls
@@ -151,7 +153,7 @@ def serve_forever(settings: Settings, *, log_level: str = "info", announce: Call
     if record_to is not None:
         from .recording import RecordWebhooks
         app.add_middleware(RecordWebhooks, out=record_to)
-    public_sock = _bind_or_explain(settings.host, settings.port, "--port / TWIVAPI_PORT")
+    public_sock = _bind_or_explain(settings.host, settings.port, "--port / TWIVAPI_PORT", reuse_port)
     admin_sock = _bind_or_explain("127.0.0.1", settings.admin_port, "TWIVAPI_ADMIN_PORT")  # loopback only
     token = secrets.token_urlsafe(24)
     admin_url = f"http://127.0.0.1:{admin_sock.getsockname()[1]}"
@@ -159,7 +161,8 @@ def serve_forever(settings: Settings, *, log_level: str = "info", announce: Call
     public = _QuietServer(_config(app, settings.host, public_sock.getsockname()[1], log_level, keepalive))
     admin = _QuietServer(_config(create_admin_app(app, token), "127.0.0.1", admin_sock.getsockname()[1], log_level,
                                  keepalive))
-    bridge_file = write_bridge_file(Path(settings.state_dir), admin_url, token, public_sock.getsockname()[1])
+    bridge_file = write_bridge_file(state_dir or Path(settings.state_dir), admin_url, token,
+                                    public_sock.getsockname()[1])
     host = f"[{settings.host}]" if ":" in settings.host else settings.host
     for line in startup_lines(settings, f"http://{host}:{public_sock.getsockname()[1]}", admin_url, bridge_file):
         announce(line)
@@ -228,10 +231,13 @@ class RunningServer:
             self.thread.join(timeout)
 
 
-def bind(host: str = "127.0.0.1", port: int = 0) -> socket.socket:
-    """A bound listening socket: its port is known before the app is built (e.g. for a public URL)."""
+def bind(host: str = "127.0.0.1", port: int = 0, *, reuse_port: bool = False) -> socket.socket:
+    """A bound listening socket: its port is known before the app is built (e.g. for a public URL).
+    ``reuse_port``: other processes bind the same port too (SO_REUSEPORT; ``serve --workers``)."""
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if reuse_port:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     # Accepted connections inherit this: uvicorn writes a response's head and body separately, and
     # with Nagle on, the body waits for the client's delayed ACK (40 ms per webhook, measured).
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

@@ -31,21 +31,40 @@ def register(app: typer.Typer) -> None:
         allow_ws: bool = typer.Option(False, "--allow-ws", help="Stream mode: start even though the public URL is "
                                                                 "not https:// (its stream URL is ws://, which Twilio "
                                                                 "refuses; loopback hosts need no flag)."),
+        workers: Optional[int] = typer.Option(None, "--workers", min=1,
+                                              help="Processes on the one port, one per core; above 1 the "
+                                                   "store must be Redis [TWIVAPI_WORKERS]."),
         log_level: str = typer.Option("info", "--log-level", help="uvicorn/twivapi log level."),
         env_file: Path = ENV_FILE_OPTION,
     ):
         """Run the bridge: Twilio voice/status webhooks, Vapi server messages, the media stream."""
         settings = load({"host": host, "port": port, "public_url": public_url, "mode": mode, "store": store,
-                         "audio_format": audio_format, "ngrok_install": True if yes else None}, env_file)
+                         "audio_format": audio_format, "ngrok_install": True if yes else None, "workers": workers},
+                        env_file)
         with errors_to_exit():
-            from ..bridge.server import serve_forever
-
             announce = lambda line: typer.echo(line, err=True)  # noqa: E731
             if not tunnel:
                 _check_public_url(settings, allow_ws, announce)
-                serve_forever(settings, log_level=log_level, announce=announce)
-                return
-            _serve_tunneled(settings, log_level, announce, allow_ws)
+                code = _run(settings, log_level, announce)
+            else:
+                code = _serve_tunneled(settings, log_level, announce, allow_ws)
+        if code:
+            raise typer.Exit(code)
+
+
+def _run(settings, log_level: str, announce) -> int:
+    """One bridge in this process, or ``--workers N`` of them on its port (the store checked first)."""
+    if settings.workers > 1:
+        from ..bridge.app import check_settings
+        from ..bridge.workers import check_workers, serve_workers
+
+        check_workers(settings)
+        check_settings(settings)   # a missing variable named here, not N times by the workers
+        return serve_workers(settings, log_level=log_level, announce=announce)
+    from ..bridge.server import serve_forever
+
+    serve_forever(settings, log_level=log_level, announce=announce)
+    return 0
 
 
 def _check_public_url(settings, allow_ws: bool, announce) -> None:
@@ -68,15 +87,16 @@ def _ask(question: str) -> bool:
     return typer.confirm(question, default=True, err=True)
 
 
-def _serve_tunneled(settings, log_level: str, announce, allow_ws: bool = False) -> None:
+def _serve_tunneled(settings, log_level: str, announce, allow_ws: bool = False) -> int:
     import asyncio
 
-    from ..bridge.server import serve_forever
+    from ..bridge.workers import check_workers
     from ..errors import UsageError
     from ..tunnel import ensure_ngrok, open_tunnel, require_authtoken, restore_sync, rewire
 
     if settings.port == 0:
         raise UsageError("--tunnel needs a fixed --port")
+    check_workers(settings)
     require_authtoken(settings)   # before offering a download that would be of no use yet
     ngrok_path = ensure_ngrok(settings, ask=_ask if _on_a_terminal() else None, announce=announce)
     restore_sync(settings)   # a previous session that crashed: put things back first
@@ -87,7 +107,7 @@ def _serve_tunneled(settings, log_level: str, announce, allow_ws: bool = False) 
         _check_public_url(settings, allow_ws, announce)   # ngrok's is https:// on 443: nothing to say
         if asyncio.run(rewire(settings, tunnel.public_url)):
             announce("the provisioned number and assistant point at the tunnel until this bridge stops")
-        serve_forever(settings, log_level=log_level, announce=announce)
+        return _run(settings, log_level, announce)
     finally:
         if restore_sync(settings):
             announce("restored the number's and the assistant's previous URLs")
