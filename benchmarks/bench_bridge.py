@@ -44,7 +44,7 @@ import websockets
 from twivapi_cli import signing
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import free_port, pct, print_table, tree_cpu_seconds, wait_http  # noqa: E402
+from common import free_port, pct, print_table, stop, tree_cpu_seconds, wait_http  # noqa: E402
 
 TWIVAPI = str(Path(sys.executable).with_name("twivapi"))
 TOKEN = "bench-auth-token-0123456789abcdef"
@@ -216,14 +216,7 @@ def run_one(server: str, calls: int, seconds: float, audio_format: str, tmp: Pat
             with contextlib.closing(sqlite3.connect(tmp / "bridge.db")) as db:
                 rows = db.execute("SELECT type, data FROM events WHERE type IN ('media.relay', 'media.clear')").fetchall()
     finally:
-        for p in (proc, sims):
-            if p is not None:
-                p.terminate()
-                try:
-                    p.wait(10)
-                except subprocess.TimeoutExpired:
-                    p.kill()
-                    p.wait(5)
+        stop(proc, sims)
     relay = [json.loads(d)["ms"] for t, d in rows if t == "media.relay"]
     clear_internal = [json.loads(d)["ms"] for t, d in rows if t == "media.clear"]
     rtt = [v for c in callers for v in c.rtt]

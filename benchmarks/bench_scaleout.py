@@ -131,12 +131,8 @@ def _serve_workers(twivapi: str, workers: int, env: dict, tmp_path: Path, port: 
 
 
 def _stop(proc: subprocess.Popen) -> None:
-    proc.terminate()
-    try:
-        proc.wait(20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(5)
+    from common import stop
+    stop(proc)
 
 
 def _worker_webhooks(node_dir: Path, twivapi: str, workers: int, vapi_port: int, tmp_path: Path,

@@ -6,6 +6,7 @@ import os
 import platform
 import shutil
 import socket
+import subprocess
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -38,6 +39,19 @@ def missing(tools: Sequence[str] = ("node", "npm"), directories: Sequence[tuple[
     lacking = [f"{tool} (not on PATH)" for tool in tools if not which(tool)]
     lacking += [f"{what} (no directory {path})" for what, path in directories if not Path(path).is_dir()]
     return ", ".join(lacking) or None
+
+
+def stop(*procs: subprocess.Popen | None, timeout: float = 20) -> None:
+    """SIGTERM each process (a bridge drains, then exits), SIGKILL one that takes longer than ``timeout``."""
+    for proc in procs:
+        if proc is None:
+            continue
+        proc.terminate()
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
 
 
 def cpu_seconds(pid: int) -> float:
