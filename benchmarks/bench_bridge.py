@@ -90,8 +90,10 @@ class Caller:
         self.bytes_back = 0
         self.interrupt_at: float | None = None
         self.clear_ms: float | None = None
+        self.closed_early = False
 
-    async def run(self, http: httpx.AsyncClient) -> None:
+    async def run(self, http: httpx.AsyncClient, delay: float = 0.0) -> None:
+        await asyncio.sleep(delay)   # calls arrive over a ramp, as traffic does, not all in one instant
         params = {"CallSid": self.sid, "From": "+15550001111", "To": "+15550002222", "CallStatus": "ringing"}
         url = self.bridge + "/twilio/voice"
         await http.post(url, data=params, headers={"X-Twilio-Signature": signing.twilio_signature(TOKEN, url, params)})
@@ -111,8 +113,11 @@ class Caller:
             deadline = time.monotonic() + 3
             while self.returned() < 1.0 and time.monotonic() < deadline:
                 await asyncio.sleep(0.05)
-            await ws.send(json.dumps({"event": "stop", "streamSid": stream_sid, "stop": {"callSid": self.sid}}))
-            await asyncio.sleep(0.1)
+            try:
+                await ws.send(json.dumps({"event": "stop", "streamSid": stream_sid, "stop": {"callSid": self.sid}}))
+                await asyncio.sleep(0.1)
+            except websockets.ConnectionClosed:
+                self.closed_early = True   # the server ended the call first (counted, not a crash)
             receiver.cancel()
 
     async def send(self, ws, stream_sid: str, http: httpx.AsyncClient) -> None:
@@ -126,7 +131,11 @@ class Caller:
         start = time.monotonic()
         for n, text in enumerate(texts):
             self.sent_at[n] = time.monotonic()
-            await ws.send(text)
+            try:
+                await ws.send(text)
+            except websockets.ConnectionClosed:
+                self.closed_early = True
+                return
             if self.barge_in and n == frames - 40:   # 0.8 s before the end: the caller interrupts
                 asyncio.create_task(self.interrupt(http))
             await asyncio.sleep(max(0.0, start + (n + 1) * 0.02 - time.monotonic()))
@@ -167,6 +176,16 @@ class Caller:
         return min(1.0, self.bytes_back / (self.cutoff() * 160))
 
 
+RAMP_CALLS_PER_S = 50   # callers start at this rate (100 calls: over 2 s)
+
+
+async def call_all(callers: list[Caller]) -> None:
+    """Every caller, started RAMP_CALLS_PER_S a second (100 calls that all dial within one instant
+    time their setups, not the media path: the echo then trails by seconds, paced at real time)."""
+    async with httpx.AsyncClient(timeout=10, limits=httpx.Limits(max_connections=100)) as http:
+        await asyncio.gather(*(c.run(http, i / RAMP_CALLS_PER_S) for i, c in enumerate(callers)))
+
+
 def start_server(server: str, port: int, env: dict, values: dict, assistant: str, audio_format: str,
                  tmp: Path) -> subprocess.Popen:
     here = Path(__file__).resolve().parent
@@ -204,10 +223,7 @@ def run_one(server: str, calls: int, seconds: float, audio_format: str, tmp: Pat
         callers = [Caller(public, seconds, numbered, barge_in=twivapi) for _ in range(calls)]
         cpu_before, wall_before = tree_cpu_seconds(proc.pid), time.monotonic()
 
-        async def load():
-            async with httpx.AsyncClient(timeout=10, limits=httpx.Limits(max_connections=100)) as http:
-                await asyncio.gather(*(c.run(http) for c in callers))
-        asyncio.run(load())
+        asyncio.run(call_all(callers))
         cpu = tree_cpu_seconds(proc.pid) - cpu_before
         wall = time.monotonic() - wall_before
         rows: list = []
@@ -229,7 +245,8 @@ def run_one(server: str, calls: int, seconds: float, audio_format: str, tmp: Pat
            "audio_returned_pct": round(100 * sum(c.returned() for c in callers) / calls, 1),
            "rtt_p50_ms": pct(rtt, 0.5), "rtt_p99_ms": pct(rtt, 0.99),
            "frames_sent": sum(len(c.sent_at) for c in callers), "frames_back": sum(c.frames_back for c in callers),
-           "frames_lost": sum(c.lost() for c in callers) if numbered else None}
+           "frames_lost": sum(c.lost() for c in callers) if numbered else None,
+           "closed_early": sum(c.closed_early for c in callers)}
     if twivapi:
         row.update({"relay_p50_ms": pct(relay, 0.5), "relay_p99_ms": pct(relay, 0.99),
                     "clears": f"{len(clears)}/{calls}", "bargein_clear_p50_ms": pct(clears, 0.5),

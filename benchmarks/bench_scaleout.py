@@ -174,10 +174,7 @@ def _worker_media(twivapi: str, workers: int, calls: int, seconds: float, tmp_pa
             callers = [bb.Caller(f"http://127.0.0.1:{port}", seconds, True, barge_in=False) for _ in range(calls)]
             cpu_before = tree_cpu_seconds(proc.pid)
 
-            async def load() -> None:
-                async with httpx.AsyncClient(timeout=10, limits=httpx.Limits(max_connections=100)) as http:
-                    await asyncio.gather(*(c.run(http) for c in callers))
-            asyncio.run(load())
+            asyncio.run(bb.call_all(callers))
             cpu = tree_cpu_seconds(proc.pid) - cpu_before
         finally:
             _stop(proc)
@@ -190,7 +187,7 @@ def _worker_media(twivapi: str, workers: int, calls: int, seconds: float, tmp_pa
     return {"media_calls": calls, "media_cpu_ms_per_call_s": round(per_call_s * 1000, 2),
             "media_calls_per_machine": round(cores / per_call_s) if per_call_s else None,
             "audio_returned_pct": round(100 * sum(c.returned() for c in callers) / calls, 1),
-            "frames_lost": sum(c.lost() for c in callers)}
+            "frames_lost": sum(c.lost() for c in callers), "closed_early": sum(c.closed_early for c in callers)}
 
 
 def _forget(prefix: str) -> None:
