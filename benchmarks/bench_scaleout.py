@@ -91,6 +91,105 @@ def webhook_rows(quick: bool) -> list[dict]:
     return rows
 
 
+def workers_rows(quick: bool) -> list[dict]:
+    """`serve --workers 1` and `--workers 2` on one port and one Redis: signed voice webhooks/s at 50
+    connections, and media calls per machine (the same real-time callers as bench_bridge, server CPU
+    of the whole process tree: calls the workers' cores carry at that cost per call-second)."""
+    rows = []
+    seconds = 3 if quick else 8
+    calls, call_s = (20, 4) if quick else (60, 8)
+    twivapi = str(Path(sys.executable).with_name("twivapi"))
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp_path = Path(tmp)
+        node_dir = bw.prepare_node(tmp_path)
+        vapi_port = bw.free_port()
+        vapi = subprocess.Popen(["node", "fake_vapi_bench.js"], cwd=node_dir, env={**os.environ, "PORT": str(vapi_port)},
+                                stdout=subprocess.DEVNULL) if node_dir else None
+        try:
+            for workers in (1, 2):
+                row: dict = {"workers": workers}
+                if vapi is not None:
+                    bw.wait_http(f"http://127.0.0.1:{vapi_port}/count")
+                    row.update(_worker_webhooks(node_dir, twivapi, workers, vapi_port, tmp_path, seconds))
+                row.update(_worker_media(twivapi, workers, calls, call_s, tmp_path))
+                rows.append(row)
+        finally:
+            if vapi is not None:
+                vapi.terminate()
+                vapi.wait(10)
+    if node_dir is None:
+        print(bw.skip_line("bench_scaleout", skipping="no webhooks/s per worker count"))
+    return rows
+
+
+def _serve_workers(twivapi: str, workers: int, env: dict, tmp_path: Path, port: int) -> subprocess.Popen:
+    proc = subprocess.Popen([twivapi, "serve", "--port", str(port), "--workers", str(workers), "--log-level", "warning"],
+                            env=env, cwd=tmp_path, stderr=subprocess.DEVNULL)
+    bw.wait_http(f"http://127.0.0.1:{port}/health", timeout=60)
+    time.sleep(1.0)   # every worker listening, not only the first
+    return proc
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    from common import stop
+    stop(proc)
+
+
+def _worker_webhooks(node_dir: Path, twivapi: str, workers: int, vapi_port: int, tmp_path: Path,
+                     seconds: int) -> dict:
+    prefix = f"bench-{uuid.uuid4().hex[:6]}:"
+    env = {**os.environ, "TWILIO_AUTH_TOKEN": bw.TOKEN, "VAPI_API_KEY": "k", "VAPI_WEBHOOK_SECRET": "s",
+           "VAPI_ASSISTANT_ID": "a", "TWIVAPI_PUBLIC_URL": bw.PUBLIC, "VAPI_BASE_URL": f"http://127.0.0.1:{vapi_port}",
+           "TWIVAPI_STORE": "redis://127.0.0.1:6379/0", "TWIVAPI_REDIS_PREFIX": prefix,
+           "TWIVAPI_STATE_DIR": str(tmp_path / f"wh-{workers}"), "TWIVAPI_DRAIN_TIMEOUT": "1"}
+    port = bw.free_port()
+    proc = _serve_workers(twivapi, workers, env, tmp_path, port)
+    try:
+        result = bw.load(node_dir, port, bw.PUBLIC, seconds)
+    finally:
+        _stop(proc)
+        _forget(prefix)
+    return {"webhooks_per_s": round(result["rps"]), "webhook_p99_ms": result["p99"],
+            "webhook_errors": result["errors"] + result["non2xx"]}
+
+
+def _worker_media(twivapi: str, workers: int, calls: int, seconds: float, tmp_path: Path) -> dict:
+    import httpx
+
+    import bench_bridge as bb
+    from common import tree_cpu_seconds
+    prefix = f"bench-{uuid.uuid4().hex[:6]}:"
+    env = {**os.environ, "TWILIO_AUTH_TOKEN": bb.TOKEN, "VAPI_API_KEY": bb.KEY, "VAPI_WEBHOOK_SECRET": bb.SECRET}
+    sims, values = bb.start_sims(env)
+    try:
+        assistant = httpx.post(values["VAPI_BASE_URL"] + "/assistant", headers={"Authorization": f"Bearer {bb.KEY}"},
+                               json={"name": "e", "metadata": {"simulator": {"behavior": "echo"}}}).json()["id"]
+        port = bw.free_port()
+        proc = _serve_workers(twivapi, workers, {
+            **env, "VAPI_BASE_URL": values["VAPI_BASE_URL"], "VAPI_ASSISTANT_ID": assistant,
+            "TWIVAPI_PUBLIC_URL": f"http://127.0.0.1:{port}", "TWIVAPI_STORE": "redis://127.0.0.1:6379/0",
+            "TWIVAPI_REDIS_PREFIX": prefix, "TWIVAPI_STATE_DIR": str(tmp_path / f"media-{workers}"),
+            "TWIVAPI_DRAIN_TIMEOUT": "1"}, tmp_path, port)
+        try:
+            callers = [bb.Caller(f"http://127.0.0.1:{port}", seconds, True, barge_in=False) for _ in range(calls)]
+            cpu_before = tree_cpu_seconds(proc.pid)
+
+            asyncio.run(bb.call_all(callers))
+            cpu = tree_cpu_seconds(proc.pid) - cpu_before
+        finally:
+            _stop(proc)
+            _forget(prefix)
+    finally:
+        sims.terminate()
+        sims.wait(10)
+    per_call_s = cpu / (calls * seconds)
+    cores = min(workers, os.cpu_count() or 1)
+    return {"media_calls": calls, "media_cpu_ms_per_call_s": round(per_call_s * 1000, 2),
+            "media_calls_per_machine": round(cores / per_call_s) if per_call_s else None,
+            "audio_returned_pct": round(100 * sum(c.returned() for c in callers) / calls, 1),
+            "frames_lost": sum(c.lost() for c in callers), "closed_early": sum(c.closed_early for c in callers)}
+
+
 def _forget(prefix: str) -> None:
     """Delete the run's keys from the shared Redis."""
     from twivapi_cli.store.redis import RedisStore
@@ -136,7 +235,7 @@ def bargein_rows(quick: bool) -> list[dict]:
         if n == 0:
             async def create():
                 from twivapi_cli.models import Session
-                await apps[1].state.store.create_session(Session(sid, "stream"))
+                await apps[1].state.deps.store.create_session(Session(sid, "stream"))
             servers[1].run(create)
         sent = time.perf_counter()
         client.post(servers[1].url + "/vapi/webhook", content=body, headers=signing.sign_vapi("s", body))
@@ -243,7 +342,7 @@ async def _bargein_stages_ms(prefix: str) -> dict[str, list[float]]:
 
 
 def run(quick: bool = False) -> list[dict]:
-    return webhook_rows(quick) + bargein_rows(quick) + bargein_media_rows(quick)
+    return webhook_rows(quick) + workers_rows(quick) + bargein_rows(quick) + bargein_media_rows(quick)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ import os
 import platform
 import shutil
 import socket
+import subprocess
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -40,10 +41,47 @@ def missing(tools: Sequence[str] = ("node", "npm"), directories: Sequence[tuple[
     return ", ".join(lacking) or None
 
 
+def stop(*procs: subprocess.Popen | None, timeout: float = 20) -> None:
+    """SIGTERM each process (a bridge drains, then exits), SIGKILL one that takes longer than ``timeout``."""
+    for proc in procs:
+        if proc is None:
+            continue
+        proc.terminate()
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+
+
 def cpu_seconds(pid: int) -> float:
     """User + system CPU time of a process, from /proc."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _children(pid: int) -> list[int]:
+    kids: list[int] = []
+    for task in Path(f"/proc/{pid}/task").glob("*/children"):
+        try:
+            kids += [int(k) for k in task.read_text().split()]
+        except OSError:   # the thread or process is gone
+            pass
+    return kids
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process and its live descendants (``serve --workers N``'s
+    processes, a multiprocessing supervisor's children)."""
+    total, todo = 0.0, [pid]
+    while todo:
+        current = todo.pop()
+        try:
+            total += cpu_seconds(current)
+        except OSError:
+            continue
+        todo += _children(current)
+    return total
 
 
 def pct(values: list[float], q: float) -> float | None:

@@ -68,16 +68,28 @@ def _webhooks(rows: list[dict]) -> list[dict]:
 
 
 def _bridge(rows: list[dict]) -> list[dict]:
-    mulaw = max((row for row in rows if row["format"] == "mulaw-8k"), key=lambda row: row["calls"])
-    pcm = [row for row in rows if row["format"] == "pcm16-16k"]
+    ours = [row for row in rows if row.get("server", "twivapi") == "twivapi"]
+    mulaw = max((row for row in ours if row["format"] == "mulaw-8k"), key=lambda row: row["calls"])
+    pcm = [row for row in ours if row["format"] == "pcm16-16k"]
+    peers = [row for row in rows if row.get("server", "twivapi") != "twivapi"]
     out = [{"figure": f"concurrent calls per core (mu-law passthrough, {mulaw['calls']} calls at real time)",
             "twivapi": f"{mulaw['calls_per_core']} calls/core, {mulaw['frames_lost']} frames lost",
             "side by side with": "; ".join(f"pcm16-16k (transcoded) {row['calls_per_core']} calls/core" for row in pcm),
-            "ratio": "; ".join(f"{_ratio(row['calls_per_core'], mulaw['calls_per_core'])} pcm16/mu-law" for row in pcm)},
-           {"figure": f"barge-in webhook -> clear at the caller ({mulaw['calls']} calls)",
-            "twivapi": f"p50 {mulaw['bargein_clear_p50_ms']} ms, p99 {mulaw['bargein_clear_p99_ms']} ms",
-            "side by side with": f"the bridge's own signal-to-clear p99 {mulaw['bridge_signal_to_clear_p99_ms']} ms",
-            "ratio": f"{mulaw['clears']} calls cleared"}]
+            "ratio": "; ".join(f"{_ratio(row['calls_per_core'], mulaw['calls_per_core'])} pcm16/mu-law" for row in pcm)}]
+    for row in ours:   # CPU per call-second beside the bare relay (the floor) and pipecat, same calls
+        same = [p for p in peers if p["format"] == row["format"] and p["calls"] == row["calls"]]
+        if same:
+            out.append({"figure": f"media CPU ms per call-second, {row['format']}, {row['calls']} calls "
+                                  "(server CPU only), audio returned",
+                        "twivapi": f"{row['cpu_ms_per_call_s']} ms, {row['audio_returned_pct']}%",
+                        "side by side with": "; ".join(f"{p['server']} {p['cpu_ms_per_call_s']} ms, "
+                                                       f"{p['audio_returned_pct']}%" for p in same),
+                        "ratio": "; ".join(f"{_ratio(row['cpu_ms_per_call_s'], p['cpu_ms_per_call_s'])} "
+                                           f"{p['server']}" for p in same)})
+    out.append({"figure": f"barge-in webhook -> clear at the caller ({mulaw['calls']} calls)",
+                "twivapi": f"p50 {mulaw['bargein_clear_p50_ms']} ms, p99 {mulaw['bargein_clear_p99_ms']} ms",
+                "side by side with": f"the bridge's own signal-to-clear p99 {mulaw['bridge_signal_to_clear_p99_ms']} ms",
+                "ratio": f"{mulaw['clears']} calls cleared"})
     return out
 
 
@@ -106,6 +118,14 @@ def _scaleout(rows: list[dict]) -> list[dict]:
                     "twivapi": f"2 x Redis {two['rps']}/s, p99 {two['p99_ms']} ms",
                     "side by side with": f"1 x SQLite {one['rps']}/s, p99 {one['p99_ms']} ms",
                     "ratio": _ratio(two["rps"], one["rps"])})
+    by_workers = {row["workers"]: row for row in rows if "workers" in row}
+    if 1 in by_workers and 2 in by_workers:
+        one, two = by_workers[1], by_workers[2]
+        out.append({"figure": "serve --workers 2 vs 1 (Redis): webhooks/s at 50 connections; media calls per machine",
+                    "twivapi": f"2 workers {two.get('webhooks_per_s')}/s; {two['media_calls_per_machine']} calls",
+                    "side by side with": f"1 worker {one.get('webhooks_per_s')}/s; {one['media_calls_per_machine']} calls",
+                    "ratio": f"{_ratio(two.get('webhooks_per_s'), one.get('webhooks_per_s'))} webhooks, "
+                             f"{_ratio(two['media_calls_per_machine'], one['media_calls_per_machine'])} calls"})
     for row in rows:
         if "figure" in row:
             out.append({"figure": row["figure"], "twivapi": f"p50 {row['p50_ms']} ms, p99 {row['p99_ms']} ms",

@@ -65,3 +65,25 @@ def test_bench_burst_names_it_too(bw, tmp_path, monkeypatch):
         assert bench_burst.seed_missing() == f"the seed's reference server (no directory {tmp_path / 'seed-express'})"
     finally:
         sys.modules.pop("bench_burst", None)
+
+
+def test_bench_bridge_says_how_to_install_pipecat_and_skips_its_rows(monkeypatch, capsys):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import importlib.util
+
+    import bench_bridge
+    try:
+        real = importlib.util.find_spec
+        monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "pipecat" else real(name, *a))
+        message = bench_bridge.pipecat_missing()
+        assert message is not None and "pipecat" in message and "pip install -e '.[bench]'" in message
+        ran: list[str] = []
+        monkeypatch.setattr(bench_bridge, "run_one", lambda server, *a: ran.append(server) or {
+            "server": server, "format": a[2], "calls": a[0], "cpu_ms_per_call_s": 1.0})
+        rows = bench_bridge.run(quick=True)
+        assert bench_bridge.PIPECAT_SERVER not in ran and bench_bridge.BARE_SERVER in ran
+        assert all(row["vs_bare"] == 1.0 for row in rows if row["server"] == bench_bridge.TWIVAPI_SERVER)
+        assert "skipping the pipecat rows" in capsys.readouterr().out
+    finally:
+        for name in ("bench_bridge", "common"):
+            sys.modules.pop(name, None)

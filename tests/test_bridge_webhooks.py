@@ -281,3 +281,20 @@ def test_setup_queue_bound_answers_fallback_instead_of_queueing_forever(vapi):
         fallbacks = [r for r in answers if "<Say>" in r.text]
         assert fallbacks, "past the bound callers must get the fallback"
         assert all(r.status_code == 200 for r in answers)
+
+
+@pytest.mark.parametrize("base, sid", [("https://bridge.example/", "CA" + "a" * 32),
+                                       ('https://a&b.example/p?x="1"', 'CA"<&>\'')])
+def test_the_cached_stream_twiml_is_what_the_twiml_builder_writes(base, sid):
+    from twilio.twiml.voice_response import VoiceResponse
+
+    from twivapi_cli.bridge.twilio_hooks import stream_twiml
+    from twivapi_cli.signing import STREAM_TOKEN_PARAM, stream_token
+    from twivapi_cli.twilio_media import ws_url
+    response = VoiceResponse()
+    connect = response.connect(action=base.rstrip("/") + "/twilio/after-stream", method="POST")
+    stream = connect.stream(url=ws_url(base.rstrip("/")) + "/twilio/media")
+    stream.parameter(name="callSid", value=sid)
+    stream.parameter(name=STREAM_TOKEN_PARAM, value=stream_token("tok", sid))
+    for _ in range(2):   # built once, filled in each time
+        assert stream_twiml(base, sid, "tok") == str(response)

@@ -299,6 +299,10 @@ SETTINGS: tuple[Setting, ...] = (
             "needed as well).", _choice(MEDIA_SIGNATURE)),
     Setting("host", "TWIVAPI_HOST", "127.0.0.1", "Interface `serve` listens on."),
     Setting("port", "TWIVAPI_PORT", 8080, "Public port `serve` listens on.", _port),
+    Setting("workers", "TWIVAPI_WORKERS", 1,
+            "Processes `serve` runs on its one port (SO_REUSEPORT: the kernel spreads connections), one "
+            "event loop per core; above 1 the store must be Redis (redis://...), which they share.",
+            _positive_int),
     Setting("admin_port", "TWIVAPI_ADMIN_PORT", 0,
             "Loopback-only admin port for tail/metrics (0 = pick a free one).", _port),
     Setting("state_dir", "TWIVAPI_STATE_DIR", ".twivapi",
@@ -401,6 +405,7 @@ class Settings:
     media_signature: str = "optional"
     host: str = "127.0.0.1"
     port: int = 8080
+    workers: int = 1
     admin_port: int = 0
     state_dir: Path = field(default_factory=lambda: Path(".twivapi"))
     bypass_timeout: float = 5.0

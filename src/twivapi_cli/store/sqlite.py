@@ -98,10 +98,18 @@ class GroupCommitWriter:
 
     def _commit(self, batch: list) -> BaseException | None:
         conn = self._conn
+        # One executemany per kind rather than one execute per row: this thread holds the GIL for
+        # each call into sqlite3, time the event loop's acks wait for. Rows keep their order within a
+        # kind (a call's session writes, its claims); across tables only one order matters, an
+        # event's insert before its mark, and the transaction is committed whole either way.
+        rows: dict[str, list[tuple]] = {kind: [] for kind in self._SQL}
+        for kind, row, _ in batch:
+            rows[kind].append(row)
         try:
             conn.execute("BEGIN")
-            for kind, row, _ in batch:
-                conn.execute(self._SQL[kind], row)
+            for kind, sql in self._SQL.items():
+                if rows[kind]:
+                    conn.executemany(sql, rows[kind])
             conn.execute("COMMIT")
             self.error = None
             return None
