@@ -78,8 +78,9 @@ def test_bench_bridge_says_how_to_install_pipecat_and_skips_its_rows(monkeypatch
         message = bench_bridge.pipecat_missing()
         assert message is not None and "pipecat" in message and "pip install -e '.[bench]'" in message
         ran: list[str] = []
-        monkeypatch.setattr(bench_bridge, "run_one", lambda server, *a: ran.append(server) or {
-            "server": server, "format": a[2], "calls": a[0], "cpu_ms_per_call_s": 1.0})
+        monkeypatch.setattr(bench_bridge, "run_one", lambda server, *a, record=False: ran.append(server) or {
+            "server": server + (" --record" if record else ""), "format": a[2], "calls": a[0],
+            "cpu_ms_per_call_s": 1.0})
         rows = bench_bridge.run(quick=True)
         assert bench_bridge.PIPECAT_SERVER not in ran and bench_bridge.BARE_SERVER in ran
         assert all(row["vs_bare"] == 1.0 for row in rows if row["server"] == bench_bridge.TWIVAPI_SERVER)
