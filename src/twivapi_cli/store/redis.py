@@ -30,6 +30,7 @@ MARKS_PER_BUCKET = 100_000
 MARKS_KEPT_S = 7 * 24 * 3600
 ENDED_KEPT_S = 24 * 3600.0   # an ended session's key expires after this (the event log keeps its history)
 TIMEOUT_S = 1.0
+MAX_CONNECTIONS = 512   # per process; past it a command waits for one (Redis allows 10,000 clients)
 
 # models.TRANSITIONS as "<state> <trigger>" -> next state, for the Lua script
 _TABLE_JSON = json.dumps({f"{state.value} {trigger.value}": to.value for (state, trigger), to in TRANSITIONS.items()})
@@ -92,8 +93,13 @@ class RedisConnection:
     def __init__(self, url: str, prefix: str = "twivapi:"):
         import redis.asyncio as aioredis
         self.url, self.prefix = url, prefix
-        self.redis = aioredis.from_url(url, socket_timeout=TIMEOUT_S, socket_connect_timeout=TIMEOUT_S,
-                                       health_check_interval=5, decode_responses=True)
+        # A pool that waits (up to TIMEOUT_S) for a connection when all are busy: redis-py's default
+        # pool holds 100 and raises MaxConnectionsError at the 101st, which a load of 50 webhooks and
+        # their setups in flight reached (503s to Twilio, failed setups: bench_scaleout, 2026-12-02).
+        pool = aioredis.BlockingConnectionPool.from_url(
+            url, max_connections=MAX_CONNECTIONS, timeout=TIMEOUT_S, socket_timeout=TIMEOUT_S,
+            socket_connect_timeout=TIMEOUT_S, health_check_interval=5, decode_responses=True)
+        self.redis = aioredis.Redis.from_pool(pool)   # closed with the client
 
     def k(self, *parts: str) -> str:
         return self.prefix + ":".join(parts)
