@@ -194,7 +194,7 @@ def _payload_format(value: str) -> str:
 
 
 def _sim_latency(value: str) -> str:
-    from .sim.latency import scale_of   # stdlib only: the simulators' latency table owns the names
+    from .sim.latency import scale_of  # stdlib only: the simulators' latency table owns the names
 
     scale_of(value)
     return value.strip().lower()

@@ -58,8 +58,8 @@ def register(app: typer.Typer) -> None:
             for line in env_lines(sims.env(), from_user):
                 typer.echo(line)
             demo = "" if settings.twilio_account_sid else " (demo account: fake credentials)"
-            typer.echo(f"twivapi: Twilio simulator on {sims.twilio_url}, Vapi simulator on {sims.vapi_url}{demo}; "
-                       "Ctrl-C to stop", err=True)
+            typer.echo(f"twivapi: Twilio simulator on {sims.twilio_url}, Vapi simulator on {sims.vapi_url}{demo}, "
+                       f"latency {settings.sim_latency}; Ctrl-C to stop", err=True)
             try:
                 run_until_interrupted(sims)
             except KeyboardInterrupt:   # the normal way to stop: not an error
