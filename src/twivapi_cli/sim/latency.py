@@ -134,8 +134,15 @@ class LatencyMiddleware:
         self.app, self.service, self.model = app, service, model
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and not scope["path"].startswith("/_sim/"):
-            seconds = self.model().delay(self.service, scope["method"], scope["path"])
-            if seconds:
-                await asyncio.sleep(seconds)
-        await self.app(scope, receive, send)
+        if scope["type"] != "http" or scope["path"].startswith("/_sim/"):
+            await self.app(scope, receive, send)
+            return
+        from starlette.requests import ClientDisconnect
+
+        seconds = self.model().delay(self.service, scope["method"], scope["path"])
+        if seconds:
+            await asyncio.sleep(seconds)
+        try:
+            await self.app(scope, receive, send)
+        except ClientDisconnect:   # the client gave up while we were slow (its timeout): nobody to answer
+            pass
