@@ -55,8 +55,9 @@ def test_vapi_socket_dropped_mid_call_ends_both_sides(bridge, sims):
 
 def test_twilio_socket_dropped_ends_the_vapi_call(bridge, sims):
     result = call(bridge, sims, CallerPlan(hangup_after_s=3.0, drop_after_frames=20))
+    # 400 ms in: POST /call (300-600 ms) may still be in flight; the Vapi call is ended once it exists
+    settle(lambda: sims.ended(bridge.session(result.call_sid).vapi_call_id or ""))
     session = bridge.session(result.call_sid)
-    settle(lambda: sims.ended(session.vapi_call_id))
     # the dropped socket, Twilio's completed callback, or Vapi reporting the end: whichever is first
     # ends the call, once
     assert session.state == CallState.ENDED

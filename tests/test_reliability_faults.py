@@ -45,8 +45,10 @@ from twivapi_cli.store.sqlite import SQLiteStore
 from .polling import wait_for
 from .support import PUBLIC, TOKEN, VAPI_SECRET, bridge_settings, new_call_sid, place_call, running_bridge
 
-SETUP_DEADLINE = 1.5      # stream mode: the bridge's POST /call deadline, shortened from 8 s for the test
-BYPASS_TIMEOUT = 1.0      # bypass mode: TWIVAPI_BYPASS_TIMEOUT
+# the simulated POST /call takes 300-600 ms, as Vapi's does (sim/latency.py): the deadlines leave it room
+SETUP_DEADLINE = 2.0      # stream mode: the bridge's POST /call deadline, shortened from 8 s for the test
+BYPASS_TIMEOUT = 2.0      # bypass mode: TWIVAPI_BYPASS_TIMEOUT
+CALLER_HEARS_UNTIL = 2.5  # a call that works: the caller stays this long (setup, a retry, then the greeting)
 CALLER_HANGS_UP_AT = 6.0  # a caller left in silence would hang up here; every fallback must come first
 
 
@@ -153,7 +155,7 @@ def _check_fallback(result, said_by: float):
 def test_stream_mode_setup_fault(fault, stream_bridge, clean_faults):
     sims, bridge = clean_faults, stream_bridge
     rule = _apply(sims, fault)
-    result = place_call(bridge.url, CallerPlan(hangup_after_s=1.2 if not fault.fallback else CALLER_HANGS_UP_AT))
+    result = place_call(bridge.url, CallerPlan(hangup_after_s=CALLER_HEARS_UNTIL if not fault.fallback else CALLER_HANGS_UP_AT))
     sid = result.call_sid
     assert rule.fired == 1, "POST /call was retried (or never made)"
     events = bridge.events(sid)
@@ -186,7 +188,7 @@ TOO_MANY = {"kind": "status", "status": 429,
 def test_stream_mode_retries_a_transient_429_and_the_call_works(stream_bridge, clean_faults):
     sims, bridge = clean_faults, stream_bridge
     rule = sims.running.vapi_faults.add(path="/call", method="POST", count=1, **TOO_MANY)
-    result = place_call(bridge.url, CallerPlan(hangup_after_s=1.2))
+    result = place_call(bridge.url, CallerPlan(hangup_after_s=CALLER_HEARS_UNTIL))
     assert rule.fired == 1 and len(sims.calls_for(result.call_sid)) == 1   # refused once, then created once
     assert not result.errors and FALLBACK_TEXT not in result.said
     assert len(result.heard) >= 8 * 300, "the greeting was not heard"
@@ -198,7 +200,7 @@ def test_stream_mode_429_without_retry_after_backs_off_until_the_deadline(stream
     rule = sims.running.vapi_faults.add(path="/call", method="POST", **TOO_MANY)
     result = place_call(bridge.url, CallerPlan(hangup_after_s=CALLER_HANGS_UP_AT))
     _check_fallback(result, said_by=SETUP_DEADLINE + 1.5)
-    # retried, but backing off: 200 ms doubling, jittered, inside a 1.5 s deadline is a handful of tries
+    # retried, but backing off: 200 ms doubling, jittered, inside a 2 s deadline is a handful of tries
     assert 2 <= rule.fired <= 12, rule.fired
     failed = [e for e in bridge.events(result.call_sid) if e.type == "vapi.setup-failed"]
     assert len(failed) == 1 and "429" in failed[0].data["error"]
@@ -210,7 +212,7 @@ def test_bypass_mode_setup_fault(fault, bypass_bridge, clean_faults):
     sims, bridge = clean_faults, bypass_bridge
     rule = _apply(sims, fault)
     started = time.monotonic()
-    result = place_call(bridge.url, CallerPlan(hangup_after_s=1.2 if not fault.fallback else CALLER_HANGS_UP_AT))
+    result = place_call(bridge.url, CallerPlan(hangup_after_s=CALLER_HEARS_UNTIL if not fault.fallback else CALLER_HANGS_UP_AT))
     sid = result.call_sid
     assert rule.fired == 1, "POST /call was retried (or never made)"
     assert result.webhook_ms[0] < BYPASS_TIMEOUT * 1000 + 500, "the voice webhook outlived the bypass timeout"
@@ -260,7 +262,7 @@ def test_the_bridge_serves_calls_again_once_vapi_recovers(stream_bridge, bypass_
         assert FALLBACK_TEXT in place_call(bridge.url, CallerPlan(hangup_after_s=3.0)).said
     sims.clear_faults()
     for bridge in (stream_bridge, bypass_bridge):
-        result = place_call(bridge.url, CallerPlan(hangup_after_s=1.0))
+        result = place_call(bridge.url, CallerPlan(hangup_after_s=CALLER_HEARS_UNTIL))
         assert FALLBACK_TEXT not in result.said and len(result.heard) >= 8 * 300 and not result.errors
 
 
@@ -269,7 +271,7 @@ def test_faults_on_many_concurrent_setups_each_get_the_fallback(stream_bridge, c
     sims, bridge = clean_faults, stream_bridge
     sims.running.vapi_faults.add("status", "/call", method="POST", status=500, probability=0.5)
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
-        results = list(pool.map(lambda _: place_call(bridge.url, CallerPlan(hangup_after_s=1.5)), range(8)))
+        results = list(pool.map(lambda _: place_call(bridge.url, CallerPlan(hangup_after_s=CALLER_HEARS_UNTIL)), range(8)))
     for result in results:
         session = bridge.session(result.call_sid)
         if session.state == CallState.FAILED:

@@ -446,7 +446,8 @@ def test_sim_command_runs_until_interrupted(tmp_path, stop):
             process.send_signal(signal.SIGABRT)
             raise AssertionError("twivapi sim did not stop in 10 s:\n" + process.communicate(timeout=10)[1][-8000:]) from None
         assert code == 0
-        assert "simulators stopped" in process.stderr.read()
+        stderr = process.stderr.read()
+        assert "simulators stopped" in stderr and "latency realistic" in stderr   # as slow as the real APIs
     finally:
         process.kill()
         process.communicate()   # and close its pipes

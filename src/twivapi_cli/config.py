@@ -193,6 +193,13 @@ def _payload_format(value: str) -> str:
     return value
 
 
+def _sim_latency(value: str) -> str:
+    from .sim.latency import scale_of  # stdlib only: the simulators' latency table owns the names
+
+    scale_of(value)
+    return value.strip().lower()
+
+
 def _port(value: str) -> int:
     number = int(value)
     if not 0 <= number <= 65535:
@@ -363,6 +370,9 @@ SETTINGS: tuple[Setting, ...] = (
             "built-in ones."),
     Setting("tool_timeout", "TWIVAPI_TOOL_TIMEOUT", 10.0,
             "Seconds a tool function (--tools) may run before the call gets an error result.", _positive_float),
+    Setting("sim_latency", "TWIVAPI_SIM_LATENCY", "realistic",
+            "How slowly `twivapi sim` answers: realistic (as the real APIs: Vapi's POST /call 300-600 ms, other "
+            "requests 30-150 ms) | none (at once) | a scale factor such as 0.5.", _sim_latency),
     Setting("ngrok_authtoken", "NGROK_AUTHTOKEN", None, "ngrok auth token for `serve --tunnel`.",
             secret=True),
     Setting("ngrok_path", "TWIVAPI_NGROK_PATH", None,
@@ -427,6 +437,7 @@ class Settings:
     forward_retries: int = 5
     tools: str | None = None
     tool_timeout: float = 10.0
+    sim_latency: str = "realistic"
     ngrok_authtoken: Secret | None = None
     ngrok_path: str | None = None
     ngrok_install: bool = False

@@ -283,7 +283,11 @@ def bind(host: str = "127.0.0.1", port: int = 0, *, reuse_port: bool = False) ->
     # Accepted connections inherit this: uvicorn writes a response's head and body separately, and
     # with Nagle on, the body waits for the client's delayed ACK (40 ms per webhook, measured).
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    sock.bind((host, port))
+    try:
+        sock.bind((host, port))
+    except OSError:
+        sock.close()   # a busy port: the caller reports it, nothing is left open
+        raise
     return sock
 
 

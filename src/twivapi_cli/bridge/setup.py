@@ -98,13 +98,19 @@ class SetupPool:
 
     async def _create(self, call_sid: str, deadline: float) -> dict:
         """POST /call, again after a 429 while the deadline allows."""
-        backoff = BACKOFF_FIRST_S
+        backoff, refused = BACKOFF_FIRST_S, None
         while True:
             try:
                 return await self.vapi.create_websocket_call(
                     self.settings.vapi_assistant_id, self.settings.audio_format,
                     metadata={"twilioCallSid": call_sid}, timeout=max(0.1, deadline - time.monotonic()))
             except VapiApiError as exc:
+                if refused is not None and exc.status is None:
+                    # the deadline cut a retry short (POST /call takes hundreds of ms): the 429 is why
+                    raise VapiApiError(f"{refused} (the retry inside the deadline did not finish: {exc})",
+                                       status=429, retry_after=refused.retry_after) from None
+                if exc.status == 429:
+                    refused = exc
                 # Vapi's Retry-After, if it gave one, else a random part of the backoff (full jitter:
                 # a burst of refused setups must not come back all at once)
                 pause = max(random.uniform(0, backoff), exc.retry_after or 0.0)

@@ -1,9 +1,10 @@
 """One call's socket to Vapi's WebSocket transport (``websocketCallUrl``): caller audio out as binary
 frames, assistant audio and control messages (JSON text) in.
 
-Caller audio that arrives before the socket is open waits in a buffer of ``EARLY_AUDIO_FRAMES``
-(10 s) and is flushed in order when it opens; past the bound the oldest frame is dropped and
-counted (``media.early_dropped``)."""
+Caller audio (and the digits the caller presses: POST /call takes hundreds of ms, a digit pressed
+meanwhile must not be lost) that arrives before the socket is open waits in a buffer of
+``EARLY_AUDIO_FRAMES`` (10 s) and is flushed in order when it opens; past the bound the oldest item
+is dropped and counted (``media.early_dropped``)."""
 
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ class VapiLeg:
         self.call_sid: str | None = None
         self.socket: Any = None
         self.frames_in = 0       # caller frames relayed to Vapi
-        self.early: collections.deque[bytes] = collections.deque()
+        self.early: collections.deque[bytes | str] = collections.deque()   # audio frames, JSON texts
         self.early_dropped = 0
         self.last_relay_ms: float | None = None   # the newest caller frame's time through the bridge
 
@@ -48,17 +49,25 @@ class VapiLeg:
         """A caller frame: sent, or held until the socket opens."""
         if self.socket is not None and not self.early:   # (frames that waited go first: flush_early)
             return await self.send_audio(frame, received)
+        self._hold(frame)
+
+    def _hold(self, item: bytes | str) -> None:
         if len(self.early) >= EARLY_AUDIO_FRAMES:
             self.early.popleft()
             self.early_dropped += 1
             self.recorder.count("media.early_dropped")
-        self.early.append(frame)
+        self.early.append(item)
 
     async def flush_early(self) -> int:
-        """Send what waited for the socket, in order; how many frames that was."""
-        flushed = len(self.early)
+        """Send what waited for the socket, in order; how many audio frames that was."""
+        flushed = 0
         while self.early:
-            await self.send_audio(self.early.popleft(), time.monotonic())
+            item = self.early.popleft()
+            if isinstance(item, bytes):
+                flushed += 1
+                await self.send_audio(item, time.monotonic())
+            else:
+                await self._send_text(item)
         return flushed
 
     async def send_audio(self, frame: bytes, received: float) -> None:
@@ -74,15 +83,22 @@ class VapiLeg:
 
     async def send_json(self, message: dict) -> None:
         if self.socket is not None:
-            try:
-                await self.socket.send(json.dumps(message))
-            except websockets.ConnectionClosed:
-                pass
+            await self._send_text(json.dumps(message))
+
+    async def _send_text(self, text: str) -> None:
+        try:
+            await self.socket.send(text)
+        except websockets.ConnectionClosed:
+            pass
 
     async def send_dtmf(self, digit: str) -> None:
         # Vapi's transport has no DTMF frame; a documented control message carries it instead.
-        await self.send_json({"type": "add-message", "triggerResponseEnabled": True,
-                              "message": {"role": "user", "content": f"The caller pressed {digit}."}})
+        message = {"type": "add-message", "triggerResponseEnabled": True,
+                   "message": {"role": "user", "content": f"The caller pressed {digit}."}}
+        if self.socket is None or self.early:   # pressed before Vapi's socket opened: in order, after the audio
+            self._hold(json.dumps(message))
+        else:
+            await self.send_json(message)
 
     async def receive(self, on_audio: Callable[[bytes], None],
                       on_control: Callable[[str], Awaitable[None]]) -> None:

@@ -5,6 +5,7 @@
         sims.env()                          # TWILIO_API_BASE_URL=..., VAPI_BASE_URL=..., credentials
         sims.state                          # the shared SimState (numbers, calls, assistants...)
         sims.twilio_faults.add("status", "/2010-04-01/*", status=500)
+        start_sims(latency="none")         # answer at once (default: as slowly as the real APIs)
 
 Used by the tests, ``twivapi sim`` (foreground) and ``twivapi demo``.
 """
@@ -19,6 +20,7 @@ from typing import Any
 from ..bridge.server import RunningServer, bind, start_in_thread
 from ..errors import TwivapiError
 from .faults import Faults
+from .latency import LatencyModel
 from .state import SimState
 from .twilio_rest import create_twilio_app
 from .vapi_rest import create_vapi_app
@@ -80,13 +82,19 @@ def _bind(host: str, port: int, flag: str):
 
 def start_sims(state: SimState | None = None, *, host: str = "127.0.0.1", twilio_port: int = 0,
                vapi_port: int = 0, twilio_faults: Faults | None = None, vapi_faults: Faults | None = None,
-               vapi_extra_routes: list | None = None, log_level: str = "warning") -> RunningSims:
+               vapi_extra_routes: list | None = None, log_level: str = "warning",
+               latency: LatencyModel | str | float | None = None) -> RunningSims:
     """Start both simulators sharing ``state``; returns once both accept connections.
+
+    ``latency`` (a ``LatencyModel``, a profile name such as ``none`` or a scale factor) replaces
+    ``state.latency``; left out, the state's model answers (realistic by default).
 
     A busy port raises ``TwivapiError`` naming the flag to change (both ports are bound before
     either server starts, so nothing is left running).
     """
     state = state or SimState()
+    if latency is not None:
+        state.latency = latency if isinstance(latency, LatencyModel) else LatencyModel(latency)
     twilio_faults, vapi_faults = twilio_faults or Faults(), vapi_faults or Faults()
     twilio_sock = _bind(host, twilio_port, "--twilio-port")
     try:

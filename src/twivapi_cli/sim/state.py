@@ -28,6 +28,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from .latency import LatencyModel
+
 DEMO_ACCOUNT_SID = "AC" + "0" * 32                      # demo value: all zeros, obviously not real
 DEMO_AUTH_TOKEN = "demo" + "0" * 28                     # demo value (32 chars, like a real token)
 DEMO_VAPI_API_KEY = "demo-vapi-key-00000000000000000000"  # demo value
@@ -323,6 +325,9 @@ class SimState:
     twilio: TwilioState = field(default_factory=TwilioState)
     vapi: VapiState = field(default_factory=VapiState)
     link: bool = True     # Vapi's number import checks and re-points numbers in ``twilio``
+    # how long both REST simulators take to answer (latency.py): realistic unless asked otherwise;
+    # read per request, so it can be swapped on running simulators
+    latency: LatencyModel = field(default_factory=LatencyModel)
 
     def __post_init__(self) -> None:
         if self.vapi.webhook_secret is None:

@@ -39,6 +39,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from .faults import FaultMiddleware, Faults, control_routes
+from .latency import LatencyMiddleware
 from .state import TERMINAL, CallUpdate, SimCall, SimState, now, rfc2822, twilio_sid
 
 API = "/2010-04-01"
@@ -593,7 +594,8 @@ def create_twilio_app(state: SimState, faults: Faults | None = None) -> Starlett
         return not_found(request.url.path).response()
 
     app = Starlette(routes=routes, exception_handlers={404: unknown},
-                    middleware=[Middleware(FaultMiddleware, faults=faults, error_body=_fault_body)])
+                    middleware=[Middleware(LatencyMiddleware, service="twilio", model=lambda: state.latency),
+                                Middleware(FaultMiddleware, faults=faults, error_body=_fault_body)])
     app.state.sim = state
     app.state.faults = faults
     return app

@@ -56,6 +56,7 @@ from twilio.request_validator import RequestValidator
 from twilio.twiml.voice_response import VoiceResponse
 
 from .faults import FaultMiddleware, Faults, control_routes
+from .latency import LatencyMiddleware
 from .state import SimCall, SimState, VapiCall, iso, now, twilio_sid, twilio_transport
 from .vapi_transport import ServerPoster
 
@@ -697,7 +698,8 @@ def create_vapi_app(state: SimState, faults: Faults | None = None, extra_routes:
         return JSONResponse(error_body(status, message), status_code=status)
 
     app = Starlette(routes=routes, exception_handlers={404: not_found, 405: not_found},
-                    middleware=[Middleware(FaultMiddleware, faults=faults, error_body=_fault_body)])
+                    middleware=[Middleware(LatencyMiddleware, service="vapi", model=lambda: state.latency),
+                                Middleware(FaultMiddleware, faults=faults, error_body=_fault_body)])
     app.state.sim = state
     app.state.faults = faults
     return app
