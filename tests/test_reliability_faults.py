@@ -66,6 +66,15 @@ def clean_faults(sims):
     sims.clear_faults()
 
 
+@pytest.fixture
+def settled(stream_bridge, bypass_bridge):
+    """No setup of an earlier test still running on either bridge: a late retry of its POST /call
+    (Vapi answers in hundreds of ms) would reach this test's fault rule and count as this call's."""
+    def idle() -> bool:
+        return all(b.deps.setup.inflight == 0 and b.deps.setup.waiting == 0 for b in (stream_bridge, bypass_bridge))
+    wait_for(idle, timeout=20, what="earlier setups to finish")
+
+
 @pytest.fixture(scope="module")
 def short_setup_deadline():
     with pytest.MonkeyPatch.context() as patch:
@@ -152,7 +161,7 @@ def _check_fallback(result, said_by: float):
 
 
 @pytest.mark.parametrize("fault", FAULTS, ids=lambda f: f.name)
-def test_stream_mode_setup_fault(fault, stream_bridge, clean_faults):
+def test_stream_mode_setup_fault(fault, stream_bridge, clean_faults, settled):
     sims, bridge = clean_faults, stream_bridge
     rule = _apply(sims, fault)
     result = place_call(bridge.url, CallerPlan(hangup_after_s=CALLER_HEARS_UNTIL if not fault.fallback else CALLER_HANGS_UP_AT))
@@ -185,7 +194,7 @@ TOO_MANY = {"kind": "status", "status": 429,
             "body": {"statusCode": 429, "message": "Too Many Requests", "error": "Too Many Requests"}}
 
 
-def test_stream_mode_retries_a_transient_429_and_the_call_works(stream_bridge, clean_faults):
+def test_stream_mode_retries_a_transient_429_and_the_call_works(stream_bridge, clean_faults, settled):
     sims, bridge = clean_faults, stream_bridge
     rule = sims.running.vapi_faults.add(path="/call", method="POST", count=1, **TOO_MANY)
     result = place_call(bridge.url, CallerPlan(hangup_after_s=CALLER_HEARS_UNTIL))
@@ -195,7 +204,7 @@ def test_stream_mode_retries_a_transient_429_and_the_call_works(stream_bridge, c
     assert "vapi.setup-failed" not in [e.type for e in bridge.events(result.call_sid)]
 
 
-def test_stream_mode_429_without_retry_after_backs_off_until_the_deadline(stream_bridge, clean_faults):
+def test_stream_mode_429_without_retry_after_backs_off_until_the_deadline(stream_bridge, clean_faults, settled):
     sims, bridge = clean_faults, stream_bridge
     rule = sims.running.vapi_faults.add(path="/call", method="POST", **TOO_MANY)
     result = place_call(bridge.url, CallerPlan(hangup_after_s=CALLER_HANGS_UP_AT))
@@ -208,7 +217,7 @@ def test_stream_mode_429_without_retry_after_backs_off_until_the_deadline(stream
 
 
 @pytest.mark.parametrize("fault", FAULTS, ids=lambda f: f.name)
-def test_bypass_mode_setup_fault(fault, bypass_bridge, clean_faults):
+def test_bypass_mode_setup_fault(fault, bypass_bridge, clean_faults, settled):
     sims, bridge = clean_faults, bypass_bridge
     rule = _apply(sims, fault)
     started = time.monotonic()

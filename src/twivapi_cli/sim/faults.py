@@ -189,9 +189,13 @@ ErrorBody = Callable[[int], Any]
 class FaultMiddleware:
     """Pure ASGI middleware: applies HTTP fault rules before the app sees the request."""
 
-    def __init__(self, app: ASGIApp, faults: Faults, error_body: ErrorBody | None = None):
+    def __init__(self, app: ASGIApp, faults: Faults, error_body: ErrorBody | None = None,
+                 latency: Callable[[str, str], float] | None = None):
         self.app, self.faults = app, faults
         self.error_body = error_body or (lambda status: {"status": status, "message": "simulated fault"})
+        # the service's own latency (sim/latency.py) before a fault's answer, as for any answer; the
+        # rule itself is taken on arrival, so it applies to what arrives while it is set
+        self.latency = latency or (lambda method, path: 0.0)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"].startswith("/_sim/"):
@@ -206,6 +210,7 @@ class FaultMiddleware:
         elif rule.kind == "hang":
             await _hang(receive, rule.delay or 3600.0)
         else:
+            await asyncio.sleep(self.latency(scope["method"], scope["path"]))
             await self._respond(rule, send)
 
     async def _respond(self, rule: FaultRule, send: Send) -> None:

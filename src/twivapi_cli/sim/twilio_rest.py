@@ -594,8 +594,10 @@ def create_twilio_app(state: SimState, faults: Faults | None = None) -> Starlett
         return not_found(request.url.path).response()
 
     app = Starlette(routes=routes, exception_handlers={404: unknown},
-                    middleware=[Middleware(LatencyMiddleware, service="twilio", model=lambda: state.latency),
-                                Middleware(FaultMiddleware, faults=faults, error_body=_fault_body)])
+                    # faults first: a rule applies to the requests that arrive while it is set
+                    middleware=[Middleware(FaultMiddleware, faults=faults, error_body=_fault_body,
+                                           latency=lambda method, path: state.latency.delay("twilio", method, path)),
+                                Middleware(LatencyMiddleware, service="twilio", model=lambda: state.latency)])
     app.state.sim = state
     app.state.faults = faults
     return app

@@ -698,8 +698,10 @@ def create_vapi_app(state: SimState, faults: Faults | None = None, extra_routes:
         return JSONResponse(error_body(status, message), status_code=status)
 
     app = Starlette(routes=routes, exception_handlers={404: not_found, 405: not_found},
-                    middleware=[Middleware(LatencyMiddleware, service="vapi", model=lambda: state.latency),
-                                Middleware(FaultMiddleware, faults=faults, error_body=_fault_body)])
+                    # faults first: a rule applies to the requests that arrive while it is set
+                    middleware=[Middleware(FaultMiddleware, faults=faults, error_body=_fault_body,
+                                           latency=lambda method, path: state.latency.delay("vapi", method, path)),
+                                Middleware(LatencyMiddleware, service="vapi", model=lambda: state.latency)])
     app.state.sim = state
     app.state.faults = faults
     return app
