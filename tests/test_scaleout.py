@@ -107,7 +107,7 @@ def test_barge_in_webhook_on_one_instance_clears_the_media_on_another(sims, pref
     a_ctx, b_ctx = two_bridges(sims, prefix, assistant, public_from_server=True)
     with a_ctx as a, b_ctx as b:
         sid = new_call_sid()
-        result, response = _call_on_a_interrupted_via_b(a, b, sid, hangup_after_s=2.0, interrupt_after_s=1.0)
+        result, response = _call_on_a_interrupted_via_b(a, b, sid, hangup_after_s=3.0, interrupt_after_s=2.0)
         assert response.status_code == 200
         assert len(result.clears) == 1, result.timeline
         clears = [e for e in a.events(sid) if e.type == "media.clear"]
@@ -252,7 +252,8 @@ def test_media_socket_on_one_instance_voice_webhook_on_another(sims, prefix):
             sims.slow_calls(0.8, count=1)
             params = {"CallSid": sid, "From": "+15551112222", "To": "+15553334444", "CallStatus": "ringing"}
             assert b.twilio("/twilio/voice", params, signed_url=a.url + "/twilio/voice").status_code == 200
-            result, response = _call_on_a_interrupted_via_b(a, b, sid, hangup_after_s=2.5, interrupt_after_s=1.5)
+            # the interruption comes well after the slow setup (0.8 s + POST /call's own hundreds of ms)
+            result, response = _call_on_a_interrupted_via_b(a, b, sid, hangup_after_s=3.5, interrupt_after_s=2.5)
             assert response.status_code == 200
             assert len(result.heard) > 1600 and not result.errors, result.timeline   # greeting heard (200 ms+)
             assert len(result.clears) == 1, result.timeline
