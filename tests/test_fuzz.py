@@ -30,7 +30,7 @@ from .support import PUBLIC, TOKEN, VAPI_SECRET, bridge_settings, new_call_sid, 
 
 ROUTES = ["/twilio/voice", "/twilio/status", "/twilio/after-stream", "/vapi/webhook"]
 EXAMPLES = 120          # cases per property in the normal run
-SLOW_EXAMPLES = 1_000   # and in the slow part (./scripts/test-slow), as <name>_many
+SLOW_EXAMPLES = 500     # and in the slow part (./scripts/test-slow), as <name>_many
 
 
 @pytest.fixture(scope="module")

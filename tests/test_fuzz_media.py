@@ -47,7 +47,7 @@ from .polling import until, wait_for
 from .support import TOKEN, VAPI_SECRET, bridge_settings, new_call_sid, place_call, running_bridge
 
 EXAMPLES = 250         # connections per property, normal run
-SLOW_EXAMPLES = 1_000   # the slow variant (./scripts/test-slow)
+SLOW_EXAMPLES = 500     # the slow variant (./scripts/test-slow)
 STEP_TIMEOUT = 5.0
 WS_MAX = 1024 * 1024          # the bridge's ws_max_size (bridge/server.py)
 CATCH_UP_S = 30.0             # how long the good call's playback may take to catch up after the run
