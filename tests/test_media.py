@@ -67,7 +67,7 @@ def test_echo_is_bit_exact_in_mulaw(bridge_factory, vapi):
 
 def test_greeting_is_heard_and_session_ends_once(bridge_factory, vapi):
     with bridge_factory(greeting_ms=600) as bridge:
-        result = run_call(bridge, CallerPlan(hangup_after_s=1.5))
+        result = run_call(bridge, CallerPlan(hangup_after_s=2.5))
         session = bridge.session(result.call_sid)
         events = [e.type for e in bridge.events(result.call_sid)]
     assert not result.errors, result.errors

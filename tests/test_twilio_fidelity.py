@@ -123,7 +123,7 @@ def test_a_start_without_its_calls_token_is_refused_even_when_the_upgrade_is_sig
 def test_an_unsigned_upgrade_with_the_token_is_a_working_stream(bridge):
     """What the simulated caller does now by default, as real Twilio may: no signature, the TwiML's
     <Parameter>s in the start message."""
-    result = place_call(bridge.url, CallerPlan(hangup_after_s=0.8))
+    result = place_call(bridge.url, CallerPlan(hangup_after_s=2.0))
     assert not result.errors, result.errors
     assert len(result.heard) > 8 * 300
     counters = bridge.deps.recorder.counters
@@ -149,7 +149,7 @@ def test_with_media_signature_required_a_valid_signature_is_needed_as_well(bridg
     unsigned = place_call(bridge.url, CallerPlan(hangup_after_s=0.5))
     assert any("stream connect failed" in e for e in unsigned.errors), unsigned.errors   # 403 before it opens
     assert bridge.deps.recorder.counters.get("media.handshake_refused") == 1
-    signed = place_call(bridge.url, CallerPlan(hangup_after_s=0.8, sign_upgrade=True))
+    signed = place_call(bridge.url, CallerPlan(hangup_after_s=2.0, sign_upgrade=True))
     assert not signed.errors and len(signed.heard) > 8 * 300, signed.errors
     sid = new_call_sid()   # and the token still decides: a signed upgrade without it is refused
     answered(bridge, sid)

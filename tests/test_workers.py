@@ -46,7 +46,7 @@ def test_two_workers_on_redis_serve_webhooks_and_a_media_call(sims, tmp_path):
 
         # a media call end to end (its webhook on one worker, its stream perhaps on the other)
         audio = bytes([0x55]) * 160 * 50   # 1 s
-        result = place_call(url, CallerPlan(audio=audio, hangup_after_s=1.5))
+        result = place_call(url, CallerPlan(audio=audio, hangup_after_s=2.5))
         assert not result.errors, result.errors
         assert result.stream_sid is not None
         assert bytes(audio[1600:1920]) in bytes(result.heard)   # the echo came back through the bridge
