@@ -172,9 +172,11 @@ class Caller:
                 self.clear_ms = (time.monotonic() - self.interrupt_at) * 1000
 
     def cutoff(self) -> int:
-        """Frames that had time to come back: all of them, or those well before the interruption."""
+        """Frames that had time to come back: all of them, or those well before the interruption. The
+        echo trails the caller by the setup time (early audio is held until Vapi's socket opens, then
+        played at real time; POST /call takes 300-600 ms): 1 s before the interruption is well before."""
         frames = int(self.seconds * 50)
-        return frames - 40 - 10 if self.barge_in else frames
+        return frames - 40 - 50 if self.barge_in else frames
 
     def lost(self) -> int:
         return sum(1 for n in range(self.cutoff()) if n not in self.echoed) if self.numbered else 0
