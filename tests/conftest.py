@@ -39,8 +39,14 @@ def pytest_terminal_summary(terminalreporter):
         terminalreporter.write_line(line)
 
 
+# files that take long without being marked slow (the official Vapi SDK's models take ~30 s to build;
+# the demo and the secrets check run the whole loop)
+LONG_FILES = {"test_vapi_sdk.py", "test_secrets.py", "test_demo.py"}
+
+
 def pytest_collection_modifyitems(items):
-    """Files with slow tests (the soak, the long fuzz runs) first: each is the longest thing a worker
-    does, so started last it would be the run's tail. The order is otherwise kept (a stable sort)."""
+    """Files with slow tests (the soak, the long fuzz runs) first, then the other long ones: each is the
+    longest thing a worker does, so started last it would be the run's tail. The order is otherwise
+    kept (a stable sort)."""
     slow_files = {item.path for item in items if item.get_closest_marker("slow")}
-    items.sort(key=lambda item: item.path not in slow_files)
+    items.sort(key=lambda item: (item.path not in slow_files, item.path.name not in LONG_FILES))

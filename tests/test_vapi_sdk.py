@@ -11,20 +11,10 @@ import typing
 import httpx
 import pytest
 
-vapi = pytest.importorskip("vapi", reason="the test extras install vapi-server-sdk")
+from .support import TOKEN, VAPI_KEY
 
-from vapi import Vapi  # noqa: E402
-from vapi.calls.types import CreateCallsResponse  # noqa: E402
-from vapi.phone_numbers.types import (  # noqa: E402
-    CreatePhoneNumbersResponse,
-    DeletePhoneNumbersResponse,
-    GetPhoneNumbersResponse,
-    ListPhoneNumbersResponseItem,
-    UpdatePhoneNumbersResponse,
-)
-from vapi.types import Assistant, Call  # noqa: E402
-
-from .support import TOKEN, VAPI_KEY  # noqa: E402
+# The SDK is imported by the fixture, not here: importing it builds ~1,700 pydantic models (35 s of CPU
+# here), and every xdist worker imports every test module at collection.
 
 
 class Answers:
@@ -52,6 +42,8 @@ def strictly(model: typing.Any, body: typing.Any) -> typing.Any:
 
 @pytest.fixture
 def client(sims):
+    pytest.importorskip("vapi", reason="the test extras install vapi-server-sdk")
+    from vapi import Vapi
     answers = Answers()
     http = httpx.Client(event_hooks={"response": [answers.hook]}, timeout=10)
     yield Vapi(token=VAPI_KEY, base_url=sims.url, httpx_client=http), answers
@@ -59,8 +51,18 @@ def client(sims):
 
 
 def test_the_official_sdk_drives_the_simulator_and_its_models_parse_every_answer(sims, client):
+    from vapi.calls.types import CreateCallsResponse
+    from vapi.phone_numbers.types import (
+        CreatePhoneNumbersResponse,
+        DeletePhoneNumbersResponse,
+        GetPhoneNumbersResponse,
+        ListPhoneNumbersResponseItem,
+        UpdatePhoneNumbersResponse,
+    )
     from vapi.types import (
+        Assistant,
         AudioFormat,
+        Call,
         CreateAssistantDtoServerMessagesItem,  # noqa: F401  (the enum's values: plain strings accepted)
         MonitorPlan,
         Server,
