@@ -45,8 +45,8 @@ LONG_FILES = {"test_vapi_sdk.py", "test_secrets.py", "test_demo.py"}
 
 
 def pytest_collection_modifyitems(items):
-    """Files with slow tests (the soak, the long fuzz runs) first, then the other long ones: each is the
-    longest thing a worker does, so started last it would be the run's tail. The order is otherwise
-    kept (a stable sort)."""
+    """Files with slow tests (the soak, the long fuzz runs) first, then the other long ones, in a run on
+    one process or one with ``--no-loadscope-reorder`` (``./scripts/test`` keeps xdist's own order:
+    files with the most tests first). The order is otherwise kept (a stable sort)."""
     slow_files = {item.path for item in items if item.get_closest_marker("slow")}
     items.sort(key=lambda item: (item.path not in slow_files, item.path.name not in LONG_FILES))

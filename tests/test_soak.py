@@ -2,8 +2,8 @@
 
 One real bridge (uvicorn on loopback, SQLite store in tmp_path), the product's simulators (Twilio's
 side: ``SimulatedCaller``; Vapi's: the simulated assistant, which also posts its server messages to
-the bridge), short calls: a 200 ms greeting, a caller who listens to it and hangs up once it has been played
-(sending silent audio all along). Asserted, with counts and order only (never timings):
+the bridge), short calls: a 400 ms greeting, a caller who listens to it and hangs up after 1 s of
+(silent) audio. Asserted, with counts and order only (never timings):
 
 - every call completes, and its events are all in the store's event log, in the causal order a
   normal call records (``twilio.voice`` first; ``state`` setting-up, ready, active, ended, once each;
@@ -49,12 +49,9 @@ pytestmark = pytest.mark.slow
 CALLS = int(os.environ.get("TWIVAPI_SOAK_CALLS", "1000"))
 CHUNK = min(200, max(1, CALLS // 2))       # RSS after the first 200 calls (warm-up), then every 200
 CONCURRENCY = 100
-# Short calls, so 1,000 of them fit the suite's time on two cores (a call's cost is mostly its frames:
-# each passes through four parties in this one process): a 200 ms greeting, and a caller who sends
-# frames from the stream's start until it has heard it (~0.5-1 s: Vapi's setup takes 300-600 ms)
-GREETING_MS = 200
+GREETING_MS = 400
 GREETING_BYTES = 8 * GREETING_MS            # mu-law at 8 kHz
-SPEAK_S = 0.2                               # the caller's (silent) audio: at least this, then `stop`
+SPEAK_S = 1.0                               # the caller's (silent) audio: at least this, then `stop`
 LISTEN_CAP_S = 20.0                         # ... or once the greeting is heard; never longer than this
 # Waits are upper bounds that end as soon as what they wait for is true: generous, so a machine 3x
 # slower than ours passes as surely, and free on a fast one. They bound time, never what is checked.

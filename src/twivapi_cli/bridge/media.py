@@ -90,6 +90,7 @@ class MediaCall:
         self.recording_task: asyncio.Task | None = None
         self.tasks: list[asyncio.Task] = []
         self.bad_messages = 0
+        self.vapi_chunks = 0        # audio messages received from Vapi
         self.twilio_gone = False   # a send found Twilio's socket closed (what it sent before is still read)
 
     # --- main loop: Twilio -> us ----------------------------------------------------------------
@@ -227,6 +228,7 @@ class MediaCall:
 
     def on_vapi_audio(self, chunk: bytes) -> None:
         received = time.monotonic()
+        self.vapi_chunks += 1
         if not self.outbound.push(chunk):
             self.recorder.count("media.stale_dropped")
         else:
@@ -305,7 +307,8 @@ class MediaCall:
         if self.call_sid:
             await self.recorder.record(EventType.MEDIA_STOP, self.call_sid, reason=reason, frames_in=self.vapi.frames_in,
                                        frames_out=self.outbound.frames_out, bad_messages=self.bad_messages,
-                                       early_dropped=self.vapi.early_dropped)
+                                       early_dropped=self.vapi.early_dropped,
+                                       queued_frames=len(self.outbound.queue), vapi_chunks=self.vapi_chunks)
             await self.bridge.calls.end(self.call_sid, reason)
         if self.audio is not None:
             self.stop_recording(self.audio)
