@@ -218,7 +218,10 @@ def twivapi_side(tmp: Path, calls: int, rate: float) -> dict:
     sim = bridge = None
     with open(work / "sim.log", "wb") as sim_log, open(work / "serve.log", "wb") as serve_log:
         try:
-            sim = subprocess.Popen([TWIVAPI, "sim", "--twilio-port", str(twilio_port), "--vapi-port", str(vapi_port)],
+            # --latency none: the 800 ms fault below is the only delay, as on the seed's fake Vapi (the
+            # realistic profile would add its own 300-600 ms to POST /call on our side only)
+            sim = subprocess.Popen([TWIVAPI, "sim", "--twilio-port", str(twilio_port), "--vapi-port", str(vapi_port),
+                                    "--latency", "none"],
                                    env=base, cwd=work, stdout=subprocess.DEVNULL, stderr=sim_log)
             _up(vapi_url + "/_sim/faults", sim, work / "sim.log")
             auth = {"Authorization": f"Bearer {VAPI_KEY}"}
