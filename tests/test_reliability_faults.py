@@ -39,6 +39,7 @@ from twivapi_cli.bridge import setup as bridge_setup
 from twivapi_cli.bridge.twilio_hooks import FALLBACK_TEXT
 from twivapi_cli.models import CallState, Trigger
 from twivapi_cli.sim.twilio_caller import CallerPlan
+from twivapi_cli.store import sqlite as sqlite_store
 from twivapi_cli.store.memory import MemoryStore
 from twivapi_cli.store.sqlite import SQLiteStore
 
@@ -612,8 +613,12 @@ def fill(directory: Path) -> Path:
     return filler
 
 
-def test_disk_full_on_a_real_filesystem_answers_503_then_recovers(clean_faults, tmp_path):
+def test_disk_full_on_a_real_filesystem_answers_503_then_recovers(clean_faults, tmp_path, monkeypatch):
     sims = clean_faults
+    # No background checkpoint during the test: after one, the WAL is rewritten from its start in
+    # space the file already has, and on a full disk those writes rightly succeed. Without it every
+    # write appends, so the first write after the fill needs space, as the outage check assumes.
+    monkeypatch.setattr(sqlite_store, "CHECKPOINT_EVERY_S", 1e6)
     with tiny_tmpfs(tmp_path / "tmpfs") as mount:
         path = mount / "full.db"
         with sqlite_bridge(sims, path, busy_timeout=0.2) as (bridge, hooks):
@@ -637,12 +642,15 @@ FSIZE_BRIDGE = textwrap.dedent("""
     from twivapi_cli.bridge.server import _config, bind
     from twivapi_cli.cluster.local import LocalCluster
     from twivapi_cli.config import load_settings
+    from twivapi_cli.store import sqlite as sqlite_store
     from twivapi_cli.store.sqlite import SQLiteStore
     from twivapi_cli.vapi_api import VapiClient
     import uvicorn
 
     env = json.loads(sys.argv[1])
     path = sys.argv[2]
+    # no background checkpoint (see the tmpfs test): every write appends, so "full" refuses the next one
+    sqlite_store.CHECKPOINT_EVERY_S = 1e6
 
     async def disk(request):
         # "full": no file may grow past its current size; "free": no limit
