@@ -2,7 +2,9 @@
 
 Each webhook carries a new CallSid and a valid signature. A webhook is done only when its Vapi call
 exists, so besides the answer rate we report the end-to-end rate: answered / (load time + the time
-the background Vapi calls take to catch up), read from the Vapi stand-in's `GET /count`.
+the background Vapi calls take to catch up), read from the Vapi stand-in's `GET /count`, and the
+server's CPU per call made (its process and children, from /proc: steadier than a rate when the load
+generator and the server share two cores).
 
 Needs node + npm (the reference server and autocannon come from ../shared/anchors/seed-express);
 without one of them, or without that directory, the benchmark says which is missing and skips.
@@ -21,7 +23,7 @@ from pathlib import Path
 
 import httpx
 
-from common import free_port, missing, print_table, wait_http  # noqa: F401 (bench_scaleout uses them via bw)
+from common import free_port, missing, print_table, tree_cpu_seconds, wait_http  # noqa: F401 (bench_scaleout uses them via bw)
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -79,6 +81,7 @@ def measure(node_dir: Path, name: str, server_cmd: list[str], env: dict, sign_ba
         server = subprocess.Popen(server_cmd, cwd=cwd or node_dir, env=env, stdout=subprocess.DEVNULL,
                                   stderr=subprocess.PIPE)
         wait_http(f"http://127.0.0.1:{port}/health")
+        cpu_before = tree_cpu_seconds(server.pid)
         started = time.monotonic()
         result = load(node_dir, port, sign_base_fn(port), seconds)
         load_time = time.monotonic() - started
@@ -97,10 +100,12 @@ def measure(node_dir: Path, name: str, server_cmd: list[str], env: dict, sign_ba
             time.sleep(0.02)
         catch_up = max(0.0, (last_change if created < answered else time.monotonic()) - started - load_time)
         created = count(vapi_port)
+        cpu = tree_cpu_seconds(server.pid) - cpu_before   # the server's, webhooks and their setups
         return {"server": name, "answer_rps": round(result["rps"]), "p50_ms": result["p50"], "p99_ms": result["p99"],
                 "errors": result["errors"] + result["non2xx"], "answered": answered, "vapi_calls": created,
                 "fallbacks": max(answered - created, 0), "catch_up_s": round(catch_up, 2),
-                "e2e_rps": round(min(answered, created) / (load_time + catch_up))}
+                "e2e_rps": round(min(answered, created) / (load_time + catch_up)),
+                "cpu_ms_per_call": round(cpu * 1000 / max(min(answered, created), 1), 3)}
     finally:
         for proc in (server, vapi):
             if proc is not None:

@@ -456,6 +456,34 @@ async def test_vapi_client_round_trip(state):
         await http.aclose()
 
 
+async def test_vapi_client_own_transport_round_trip_on_loopback(state, base):
+    """The bridge's own client (its requests straight to the aiohttp transport, no httpx client in
+    between) against the simulator over real HTTP: bodies, query parameters, the key, a call's
+    absolute control URL and the errors come out as through httpx's client."""
+    client = VapiClient(base, state.credentials.vapi_api_key)
+    try:
+        assistant = await client.create_assistant({"name": "via-transport"})
+        assert (await client.get_assistant(assistant["id"]))["name"] == "via-transport"
+        assert [a["id"] for a in await client.list_assistants()] == [assistant["id"]]   # ?limit=1000
+        call = await client.create_websocket_call(assistant["id"], metadata={"twilioCallSid": "CA" + "1" * 32})
+        assert call["assistantOverrides"]["metadata"] == {"twilioCallSid": "CA" + "1" * 32}
+        assert (await client.get_call(call["id"]))["id"] == call["id"]
+        await client.end_call(call)   # POST to the call's own monitor.controlUrl
+        assert (await client.get_call(call["id"]))["status"] == "ended"
+        with pytest.raises(VapiApiError) as err:
+            await client.get_call("nope")
+        assert err.value.status == 404
+    finally:
+        await client.aclose()
+    bad = VapiClient(base, "wrong-key")
+    try:
+        with pytest.raises(VapiApiError) as err:
+            await bad.list_assistants()
+        assert err.value.status == 401 and "VAPI_API_KEY" in str(err.value) and "wrong-key" not in str(err.value)
+    finally:
+        await bad.aclose()
+
+
 if __name__ == "__main__" and "--write-fragment" in sys.argv:
     if vapi_spec() is None:
         sys.exit("shared/specs/vapi_openapi.json not found")

@@ -22,7 +22,7 @@ import base64
 import hashlib
 import hmac
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
@@ -103,19 +103,19 @@ def sign_twilio_json(token: str, url: str, body: bytes) -> tuple[str, str]:
     return signed_url, twilio_signature(token, signed_url, None)
 
 
-def _port_variants(url: str) -> list[str]:
-    """The URL as given, without its port and with the default port (the SDK tries both too)."""
+def _port_variants(url: str) -> Iterator[str]:
+    """The URL as given, then without its port or with the default port (the SDK tries both too);
+    lazily: the second is built only if the first did not match."""
+    yield url
     parts = urlsplit(url)
     host = parts.hostname or ""
     default = {"https": 443, "wss": 443, "http": 80, "ws": 80}.get(parts.scheme, 443)
     if ":" in host:  # IPv6 literal
         host = f"[{host}]"
-    variants = [url]
     if parts.port is not None:
-        variants.append(urlunsplit(parts._replace(netloc=host)))
+        yield urlunsplit(parts._replace(netloc=host))
     else:
-        variants.append(urlunsplit(parts._replace(netloc=f"{host}:{default}")))
-    return variants
+        yield urlunsplit(parts._replace(netloc=f"{host}:{default}"))
 
 
 def verify_twilio(token: str, url: str, params: Mapping | None, signature: str | None,
@@ -134,10 +134,9 @@ def verify_twilio(token: str, url: str, params: Mapping | None, signature: str |
             return False
     validator = RequestValidator(token)
     signed_params = _as_params(params)
-    ok = False
-    for candidate in _port_variants(url):
-        ok |= _same(signature, validator.compute_signature(candidate, signed_params))
-    return ok
+    # the URL as given first: a match there spares the second HMAC (which variant matched is no secret)
+    return any(_same(signature, validator.compute_signature(candidate, signed_params))
+               for candidate in _port_variants(url))
 
 
 def candidate_urls(public_url: str | None, path_qs: str, headers: Mapping[str, str],
@@ -163,7 +162,7 @@ def candidate_urls(public_url: str | None, path_qs: str, headers: Mapping[str, s
         for h in hosts:
             for p in paths:
                 try:
-                    variants = _port_variants(f"{s}://{h}{p}" + (f"?{query}" if query else ""))
+                    variants = list(_port_variants(f"{s}://{h}{p}" + (f"?{query}" if query else "")))
                 except ValueError:   # a Host / X-Forwarded-* value that is no host ("[", "a:b", "h:99999")
                     continue
                 for url in variants:
