@@ -287,6 +287,24 @@ async def test_redis_ended_sessions_expire():
         assert 0 < ttl <= ENDED_KEPT_S * 1000
         assert (await store.get_session("CA1")).ended_reason == "done"
 
+        await store.update_session("CA1", stream_sid="MZ-late")          # a late update keeps the expiry
+        assert 0 < await store.redis.pttl(store.k("s", "CA1")) <= ttl
+
+
+async def test_concurrent_updates_of_different_fields_all_stick(store):
+    """Each update merges into what is there at that moment (on Redis: read, merge and write in one
+    script), so updates racing on one call lose none of their fields, and the state is untouched."""
+    await store.create_session(Session("CA-race", "stream"))
+    await store.transition("CA-race", Trigger.SETUP_STARTED)
+    fields = {"vapi_call_id": "v-race", "stream_sid": "MZ-race", "websocket_call_url": "wss://x.test/t",
+              "control_url": "https://x.test/c", "ended_reason": "none-yet", "answer": "<Response/>"}
+    results = await asyncio.gather(*(store.update_session("CA-race", **{k: v}) for k, v in fields.items()))
+    assert all(r is not None for r in results)
+    final = await store.get_session("CA-race")
+    assert {k: getattr(final, k) for k in fields} == fields
+    assert final.state == CallState.SETTING_UP
+    assert await store.update_session("CA-nobody", stream_sid="MZ-x") is None
+    assert (await store.find_session(stream_sid="MZ-race")).call_sid == "CA-race"
 
 async def test_sqlite_files_are_owner_only(tmp_path):
     store = SQLiteStore(tmp_path / "state" / "owner.db")

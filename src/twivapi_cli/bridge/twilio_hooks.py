@@ -149,9 +149,10 @@ async def _stream(request: Request, call_sid: str, created: bool) -> str:
     if created and not bridge.setup.request(call_sid):
         await bridge.calls.move(call_sid, Trigger.FAIL, reason="overloaded")
         return fallback_twiml()
-    existing = await bridge.store.get_session(call_sid)   # a retry: the fallback if its setup failed meanwhile
-    if existing and existing.state == CallState.FAILED:
-        return fallback_twiml()
+    if not created:   # a retry: the fallback if its setup failed meanwhile (a new call's has only begun)
+        existing = await bridge.store.get_session(call_sid)
+        if existing and existing.state == CallState.FAILED:
+            return fallback_twiml()
     settings = bridge.settings
     return stream_twiml(settings.public_url or f"http://{settings.host}:{settings.port}", call_sid,
                         revealed(settings.twilio_auth_token))

@@ -9,8 +9,9 @@ Keys, under a prefix (``TWIVAPI_REDIS_PREFIX``, default ``twivapi:``):
     seq                the event counter        events       a Stream; entry id = "<seq>-0"
     marks:<bucket>     hash "<seq>a"/"<seq>p" -> ack/processed time, 100,000 events a bucket, kept 7 days
 
-Transitions and status sequences are Lua scripts: read, check, write in one step on the server, so
-two instances moving the same call never lose an update. The event log keeps the newest
+Creating, updating and moving a session, and status sequences, are Lua scripts: read, check, write
+in one step on the server (one round trip each), so two instances changing the same call never lose
+an update. The event log keeps the newest
 ``EVENT_RETENTION`` entries (XADD MAXLEN ~). Errors (Redis down, timeouts) become ``StoreError``,
 which the bridge answers with a 503; the client reconnects by itself when Redis is back.
 """
@@ -58,6 +59,26 @@ else
   redis.call('SET', KEYS[1], out)
 end
 return {1, previous, out}
+"""
+
+# KEYS: session, active zset. ARGV: session JSON, its updated_at, CallSid. Returns 1 created, 0 existed
+_CREATE = """
+if not redis.call('SET', KEYS[1], ARGV[1], 'NX') then return 0 end
+redis.call('ZADD', KEYS[2], tonumber(ARGV[2]), ARGV[3])
+return 1
+"""
+
+# KEYS: session. ARGV: fields JSON, now. Returns the session JSON, or false for an unknown call.
+# KEEPTTL: an ended session's key still expires (ENDED_KEPT_S) after a late update.
+_UPDATE = """
+local raw = redis.call('GET', KEYS[1])
+if not raw then return false end
+local s = cjson.decode(raw)
+for name, value in pairs(cjson.decode(ARGV[1])) do s[name] = value end
+s['updated_at'] = tonumber(ARGV[2])
+local out = cjson.encode(s)
+redis.call('SET', KEYS[1], out, 'KEEPTTL')
+return out
 """
 
 # KEYS: session. ARGV: sequence
@@ -131,7 +152,7 @@ class RedisStore:
     async def open(self) -> None:
         self._scripts = {name: self.redis.register_script(src) for name, src in
                          (("transition", _TRANSITION), ("sequence", _SEQUENCE), ("append", _APPEND),
-                          ("mark", _MARK))}
+                          ("mark", _MARK), ("create", _CREATE), ("update", _UPDATE))}
         try:
             await self._do(self.redis.ping())
         except StoreError:
@@ -149,9 +170,11 @@ class RedisStore:
 
     # --- sessions -------------------------------------------------------------------------------
     async def create_session(self, session: Session, *, durable: bool = True) -> bool:
-        created = await self._do(self.redis.set(self.k("s", session.call_sid), json.dumps(session.to_dict()), nx=True))
+        # one round trip: the key and the active set in one script (SET NX, then ZADD only if it set)
+        created = int(await self._do(self._scripts["create"](
+            keys=[self.k("s", session.call_sid), self.k("active")],
+            args=[json.dumps(session.to_dict()), session.updated_at, session.call_sid])))
         if created:
-            await self._do(self.redis.zadd(self.k("active"), {session.call_sid: session.updated_at}))
             await self._index(session)
         return bool(created)
 
@@ -182,24 +205,10 @@ class RedisStore:
         return session
 
     async def _update(self, call_sid: str, fields: dict) -> Session | None:
-        """WATCH/MULTI: if another instance changes the session meanwhile, read it again."""
-        from redis.exceptions import WatchError
-        key = self.k("s", call_sid)
-        async with self.redis.pipeline(transaction=True) as pipe:
-            for _ in range(50):
-                try:
-                    await pipe.watch(key)
-                    raw = await pipe.get(key)
-                    if raw is None:
-                        return None
-                    data = {**json.loads(raw), **fields, "updated_at": time.time()}
-                    pipe.multi()
-                    pipe.set(key, json.dumps(data))
-                    await pipe.execute()
-                    return Session.from_dict(data)
-                except WatchError:
-                    continue
-        raise StoreError(f"could not update {call_sid}: too much contention")
+        """Read, merge and write on the server in one step (a script): another instance's change in
+        between cannot be lost, in one round trip (WATCH/GET/MULTI/EXEC took three)."""
+        raw = await self._scripts["update"](keys=[self.k("s", call_sid)], args=[json.dumps(fields), time.time()])
+        return Session.from_dict(json.loads(raw)) if raw else None
 
     async def transition(self, call_sid: str, trigger: Trigger, *, reason: str | None = None,
                          durable: bool = True) -> Transition:
