@@ -1,5 +1,6 @@
 """The cost floor of twivapi's media path, for bench_bridge: the same stack (Starlette on uvicorn, the
-same uvicorn settings, a `websockets` client to Vapi's transport) doing only what no relay can skip.
+same uvicorn settings, aiohttp's WebSocket client to Vapi's transport, as the bridge's `VapiLeg`)
+doing only what no relay can skip.
 
 Per call: on `start`, one POST /call to Vapi and its transport socket; then each Twilio `media`
 message is JSON-parsed, its payload base64-decoded and sent to Vapi as a binary frame; each binary
@@ -23,9 +24,9 @@ with warnings.catch_warnings():   # deprecated in 3.11-3.12; on 3.13+ the audioo
     warnings.simplefilter("ignore", DeprecationWarning)
     import audioop
 
+import aiohttp
 import httpx
 import uvicorn
-import websockets
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
@@ -41,6 +42,7 @@ def make_app(vapi_url: str, key: str, assistant: str, audio_format: str) -> Star
     pcm = audio_format == "pcm16-16k"
     wire_format = AUDIO_FORMATS[audio_format]
     clients: dict[str, httpx.AsyncClient] = {}
+    sockets: dict[str, aiohttp.ClientSession] = {}
 
     async def ok(request: Request) -> Response:
         await request.body()
@@ -65,7 +67,7 @@ def make_app(vapi_url: str, key: str, assistant: str, audio_format: str) -> Star
                     audio = base64.b64decode(data["media"]["payload"])
                     if pcm:
                         audio, up_state = audioop.ratecv(audioop.ulaw2lin(audio, 2), 2, 1, 8000, 16000, up_state)
-                    await vapi.send(audio)
+                    await vapi.send_bytes(audio)
                 elif event == "start":
                     stream_sid = data["start"]["streamSid"]
                     if "http" not in clients:
@@ -73,8 +75,10 @@ def make_app(vapi_url: str, key: str, assistant: str, audio_format: str) -> Star
                     call = (await clients["http"].post(vapi_url + "/call", headers=auth, json={
                         "assistantId": assistant,
                         "transport": {"provider": "vapi.websocket", "audioFormat": wire_format}})).json()
-                    vapi = await websockets.connect(call["transport"]["websocketCallUrl"], compression=None,
-                                                    additional_headers=auth, max_size=2**20)
+                    if "ws" not in sockets:
+                        sockets["ws"] = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
+                    vapi = await sockets["ws"].ws_connect(call["transport"]["websocketCallUrl"], headers=auth,
+                                                          max_msg_size=2**20)
                     pump = asyncio.create_task(back(vapi, ws, stream_sid))
                 elif event == "stop":
                     break
@@ -86,8 +90,9 @@ def make_app(vapi_url: str, key: str, assistant: str, audio_format: str) -> Star
 
     async def back(vapi: Any, ws: WebSocket, stream_sid: str) -> None:
         down_state: Any = None
-        async for frame in vapi:
-            if isinstance(frame, bytes):
+        async for message in vapi:
+            if message.type is aiohttp.WSMsgType.BINARY:
+                frame = message.data
                 if pcm:
                     frame, down_state = audioop.ratecv(frame, 2, 1, 16000, 8000, down_state)
                     frame = audioop.lin2ulaw(frame, 2)

@@ -6,8 +6,8 @@ under test, and this load generator (N lean Media Streams callers, 20 ms frames 
 The servers, each with the same callers:
 
 - `twivapi serve` relaying to the simulated Vapi transport (which echoes);
-- the bare relay (`bare_relay.py`): the same stack (Starlette on uvicorn, a `websockets` client to the
-  same Vapi transport) doing only JSON parse, base64 decode and forward: the floor;
+- the bare relay (`bare_relay.py`): the same stack (Starlette on uvicorn, aiohttp's WebSocket client to
+  the same Vapi transport) doing only JSON parse, base64 decode and forward: the floor;
 - pipecat's Twilio echo bot (`pipecat_echo.py`: FastAPIWebsocketTransport + TwilioFrameSerializer, a
   bot that only echoes), when the benchmark-only extra is installed (`pip install -e '.[bench]'`);
   without it the bench says so and leaves its rows out.

@@ -159,6 +159,7 @@ def create_app(settings: Settings, store: Store, cluster: Cluster, vapi: Any, *,
             await bridge.drainer.stop()
             await bridge.forwarder.stop()
             await bridge.calls.stop()
+            await bridge.vapi_sockets.aclose()
             await bridge.control.aclose()
             await cluster.close()
             await vapi.aclose()

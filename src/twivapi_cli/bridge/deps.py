@@ -21,6 +21,7 @@ from .setup import SetupPool
 from .signals import Signals
 from .sweeper import Sweeper
 from .tools import ToolRegistry
+from .vapi_leg import VapiSockets
 from .webhook_log import WebhookLog
 
 
@@ -43,6 +44,7 @@ class Deps:
     lifecycle: Lifecycle = field(default_factory=Lifecycle)   # draining or not
     http_counts: dict[tuple[str, int], int] = field(default_factory=dict)   # responses by (route, status)
     webhooks: WebhookLog = field(default_factory=WebhookLog)   # the latest webhooks, raw (the inspector's)
+    vapi_sockets: VapiSockets = field(default_factory=VapiSockets)   # the calls' sockets to Vapi's transport
 
     @property
     def instance(self) -> str:

@@ -84,7 +84,7 @@ class MediaCall:
         self.inbound, outbound_converter = transcoders(bridge.settings.audio_format)
         self.outbound = Outbound(outbound_converter, self.send_twilio)
         self.outbound.on_first_audio = self._first_audio
-        self.vapi = VapiLeg(bridge.recorder, revealed(bridge.settings.vapi_api_key))
+        self.vapi = VapiLeg(bridge.recorder, revealed(bridge.settings.vapi_api_key), bridge.vapi_sockets)
         self.turns = TurnClock()
         self.audio: CallAudio | None = None   # serve --record: the two-leg recording (call_audio.py)
         self.recording_task: asyncio.Task | None = None
