@@ -2,12 +2,9 @@
 
 Vapi's audio is cut into 20 ms mu-law frames (a partial frame waits for the next chunk: never padded
 mid-utterance, never dropped; at the end of an utterance it is padded with silence), queued, and
-paced so Twilio never holds more than ``LEAD_MS`` of it unplayed. The pacer wakes once Twilio's
-lead has fallen by ``BATCH_MS`` and sends what is queued up to the lead as one ``media`` message
-(Twilio takes any size from a server): a backlog goes out in 40 ms messages, half the sends and the
-wake-ups of one per frame; audio that arrives into an empty queue still goes at once. After every
-``MARK_EVERY_MS`` of audio, and at the end of what is queued, a ``mark`` named
-``<generation>:<ms sent>`` goes out; its echo tells what the caller actually heard.
+paced so Twilio never holds more than ``LEAD_MS`` of it unplayed. After every ``MARK_EVERY`` frames,
+and at the end of what is queued, a ``mark`` named ``<generation>:<ms sent>`` goes out; its echo
+tells what the caller actually heard.
 
 An interruption drops the queue, resets the outbound resampler and moves the generation on, so the
 marks and late frames of the interrupted turn are ignored; until Vapi's next turn starts (or a gap
@@ -29,10 +26,8 @@ FRAME_MS = 20
 MULAW_FRAME = 160                # 20 ms of mu-law at 8 kHz
 MULAW_SILENCE = b"\xff"
 LEAD_MS = 120                    # most assistant audio Twilio may hold unplayed
-BATCH_MS = 40                    # a backlog is sent in messages of this much audio (Twilio holds 80-120 ms)
 STALE_AUDIO_GAP = 0.3            # after barge-in, Vapi audio this long after the last frame is a new turn
-MARK_EVERY_MS = 100              # a mark per 100 ms of audio or more (a 40 ms batch: 120 ms): playback position
-                                 # to about 100 ms, a fraction of the messages a mark per frame would be
+MARK_EVERY = 5                   # a mark per 100 ms of audio: playback position to 100 ms, half the messages
 PLAY_OUT_S = 1.5                 # at most this long, when a call ends, for what is queued to reach the caller
 TWILIO_ENDS = "twilio-"          # end reasons meaning the caller's side is gone: nothing left to play to
 
@@ -60,8 +55,7 @@ class Outbound:
         self.generation = 0
         self.sent_ms = 0           # audio sent to Twilio in this generation
         self.played_ms = 0         # ... and confirmed played by an echoed mark
-        self.frames_out = 0        # 20 ms frames sent
-        self._marked_ms = 0        # sent_ms at the last mark
+        self.frames_out = 0
         self.muted = False         # dropping the rest of an interrupted turn
         self._play_clock: float | None = None
         self._last_audio = 0.0
@@ -114,7 +108,7 @@ class Outbound:
         self.framer.clear()
         self.converter.reset()
         self.generation += 1
-        self.sent_ms = self.played_ms = self._marked_ms = 0
+        self.sent_ms = self.played_ms = 0
         self._play_clock = None
         return True
 
@@ -130,24 +124,21 @@ class Outbound:
             if self._play_clock is None or now > self._play_clock + self.sent_ms / 1000:
                 self._play_clock = now - self.sent_ms / 1000  # Twilio's buffer ran dry: playback restarts now
             ahead_ms = self.sent_ms - (now - self._play_clock) * 1000
-            if ahead_ms > LEAD_MS - FRAME_MS:
-                await asyncio.sleep((ahead_ms - LEAD_MS + BATCH_MS) / 1000)
+            if ahead_ms >= LEAD_MS:
+                await asyncio.sleep((ahead_ms - LEAD_MS + FRAME_MS) / 1000)
                 continue
-            count = min(len(self.queue), int(LEAD_MS - ahead_ms) // FRAME_MS)
-            await self._send_frames([self.queue.popleft() for _ in range(count)])
+            await self._send_frame(self.queue.popleft())
 
-    async def _send_frames(self, frames: list[bytes]) -> None:
+    async def _send_frame(self, frame: bytes) -> None:
         generation = self.generation
-        audio = frames[0] if len(frames) == 1 else b"".join(frames)
-        await self.send(twilio_media.media_frame(self.stream_sid, audio))
+        await self.send(twilio_media.media_frame(self.stream_sid, frame))
         if generation != self.generation:
             return  # interrupted while sending
-        self.sent_ms += FRAME_MS * len(frames)
-        self.frames_out += len(frames)
+        self.sent_ms += FRAME_MS
+        self.frames_out += 1
         if self.tap is not None:
-            self.tap(generation, self.sent_ms, audio)
-        if self.sent_ms - self._marked_ms >= MARK_EVERY_MS or not self.queue:
-            self._marked_ms = self.sent_ms
+            self.tap(generation, self.sent_ms, frame)
+        if self.frames_out % MARK_EVERY == 0 or not self.queue:
             await self.send(twilio_media.serialize(twilio_media.Mark(self.stream_sid,
                                                                      f"{self.generation}:{self.sent_ms}")))
         if self.speech_ended_at is not None and self.on_first_audio is not None:
