@@ -106,3 +106,21 @@ def test_wav_round_trip(tmp_path):
     pcm = audio.tone(440, 100, 8000)
     audio.write_wav(tmp_path / "a.wav", pcm, 8000)
     assert audio.read_wav(str(tmp_path / "a.wav")) == (pcm, 8000)
+
+
+def test_full_scale_square_waves_saturate_and_never_wrap(monkeypatch):
+    """A half-band FIR overshoots a full-scale edge (Gibbs): its samples past int16 are held at the
+    rails, never wrapped round to the other sign (a wrap is a loud click)."""
+    filtered: list[np.ndarray] = []
+    to_int16 = audio._to_int16
+
+    def keeping(samples: np.ndarray) -> bytes:
+        filtered.append(samples.copy())   # the filter's output before rounding and saturation
+        return to_int16(samples)
+    monkeypatch.setattr(audio, "_to_int16", keeping)
+    square = np.tile(np.r_[np.full(20, 32767), np.full(20, -32768)], 8).astype("<i2")   # 320 samples
+    up = np.frombuffer(audio.Upsampler().process(square.tobytes()), dtype="<i2")
+    down = np.frombuffer(audio.Downsampler().process(np.repeat(square, 2).tobytes()), dtype="<i2")
+    for out, before in zip((up, down), filtered, strict=True):   # one conversion each
+        assert before.max() > 32767 and before.min() < -32768   # it did overshoot
+        assert np.array_equal(out, np.clip(np.rint(before), -32768, 32767).astype("<i2"))
