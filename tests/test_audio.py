@@ -102,6 +102,18 @@ def test_framer_never_drops_or_pads(data, cuts):
     assert b"".join(out) + framer.flush() == data
 
 
+def test_framer_hands_out_whole_frames_it_does_not_alias():
+    framer = audio.Framer(160)
+    assert framer.push(b"a" * 160) == [b"a" * 160]            # one frame, nothing waiting
+    assert framer.push(b"b" * 320) == [b"b" * 160] * 2         # two at once
+    assert framer.push(b"c" * 100) == [] and len(framer) == 100
+    assert framer.push(b"d" * 160) == [b"c" * 100 + b"d" * 60] and framer.flush() == b"d" * 100
+    chunk = bytearray(b"e" * 160)   # a mutable buffer: the frame is a copy, not a view of it
+    frames = framer.push(chunk)
+    chunk[:] = b"f" * 160
+    assert frames == [b"e" * 160] and all(type(f) is bytes for f in frames)
+
+
 def test_wav_round_trip(tmp_path):
     pcm = audio.tone(440, 100, 8000)
     audio.write_wav(tmp_path / "a.wav", pcm, 8000)

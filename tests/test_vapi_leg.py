@@ -121,6 +121,36 @@ def test_vapi_closing_its_side_ends_receive_and_later_sends_are_dropped_quietly(
     assert frames_in == 1 and held == 0
 
 
+class DiskStalled(Recorded):
+    """A recorder whose durable writes never finish (a stalled disk); the others are kept at once."""
+
+    async def record(self, type_: str, call_sid: str | None = None, **data: Any) -> None:
+        if data.pop("durable", True):
+            await asyncio.Event().wait()
+        self.events.append((type_, call_sid, data))
+
+
+def test_the_relays_latency_samples_never_wait_on_the_disk() -> None:
+    """One caller frame in 50 is timed into a ``media.relay`` event: the relay goes on without
+    waiting for that event's write (a stalled disk would otherwise hold up the caller's audio)."""
+    async def go() -> tuple[int, DiskStalled]:
+        async with serve(echo, "127.0.0.1", 0) as server:
+            sockets, recorder = VapiSockets(), DiskStalled()
+            leg = VapiLeg(recorder, KEY, sockets)   # type: ignore[arg-type]
+            try:
+                assert await leg.open(f"ws://127.0.0.1:{server.sockets[0].getsockname()[1]}/")
+                for _ in range(120):
+                    await asyncio.wait_for(leg.relay(b"\xff" * 160, 0.0), 5)
+                await leg.close()
+            finally:
+                await sockets.aclose()
+        return leg.frames_in, recorder
+    frames_in, recorder = asyncio.run(go())
+    assert frames_in == 120
+    assert [(t, d["direction"]) for t, _, d in recorder.events] == [(EventType.MEDIA_RELAY, "caller->vapi")] * 2
+    assert all(d["ms"] >= 0 for _, _, d in recorder.events)
+
+
 async def _ignore(text: str) -> None:
     return None
 

@@ -239,6 +239,10 @@ class Framer:
         self._pending = bytearray()
 
     def push(self, data: bytes) -> list[bytes]:
+        size = self.size
+        if not self._pending and type(data) is bytes and len(data) % size == 0:
+            # whole frames and nothing waiting (the usual chunk from Vapi's transport): sliced, no buffer
+            return [data] if len(data) == size else [data[i:i + size] for i in range(0, len(data), size)]
         self._pending += data
         count = len(self._pending) // self.size
         frames = [bytes(self._pending[i * self.size:(i + 1) * self.size]) for i in range(count)]

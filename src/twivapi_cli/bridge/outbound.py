@@ -139,8 +139,7 @@ class Outbound:
         if self.tap is not None:
             self.tap(generation, self.sent_ms, frame)
         if self.frames_out % MARK_EVERY == 0 or not self.queue:
-            await self.send(twilio_media.serialize(twilio_media.Mark(self.stream_sid,
-                                                                     f"{self.generation}:{self.sent_ms}")))
+            await self.send(twilio_media.mark_frame(self.stream_sid, f"{self.generation}:{self.sent_ms}"))
         if self.speech_ended_at is not None and self.on_first_audio is not None:
             ended, self.speech_ended_at = self.speech_ended_at, None
             await self.on_first_audio(ended)

@@ -62,7 +62,7 @@ class VapiLeg:
         self.frames_in = 0       # caller frames relayed to Vapi
         self.early: collections.deque[bytes | str] = collections.deque()   # audio frames, JSON texts
         self.early_dropped = 0
-        self.last_relay_ms: float | None = None   # the newest caller frame's time through the bridge
+        self._last_relay_s: float | None = None   # the newest caller frame's time through the bridge
 
     async def open(self, url: str) -> bool:
         """Connect; False (recorded) if Vapi's socket could not be opened."""
@@ -109,9 +109,16 @@ class VapiLeg:
         except SEND_FAILED:
             return
         self.frames_in += 1
-        self.last_relay_ms = ms = round((time.monotonic() - received) * 1000, 3)
+        self._last_relay_s = time.monotonic() - received   # rounded only when read: 50 a second per call
         if self.frames_in % RELAY_SAMPLE_EVERY == 0:
-            await self.recorder.record(EventType.MEDIA_RELAY, self.call_sid, direction="caller->vapi", ms=ms)
+            # a latency sample: the relay never waits on the disk for it (durable=False)
+            await self.recorder.record(EventType.MEDIA_RELAY, self.call_sid, durable=False,
+                                       direction="caller->vapi", ms=self.last_relay_ms)
+
+    @property
+    def last_relay_ms(self) -> float | None:
+        """The newest caller frame's time through the bridge (parsed to sent to Vapi), in ms."""
+        return None if self._last_relay_s is None else round(self._last_relay_s * 1000, 3)
 
     async def send_json(self, message: dict) -> None:
         if self.socket is not None:
