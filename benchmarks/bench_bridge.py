@@ -92,6 +92,7 @@ class Caller:
         self.echoed: set[int] = set()
         self.frames_back = 0
         self.bytes_back = 0
+        self.marks = 0   # marks received (and echoed)
         self.interrupt_at: float | None = None
         self.clear_ms: float | None = None
         self.closed_early = False
@@ -166,6 +167,7 @@ class Caller:
                         self.rtt.append((time.monotonic() - self.sent_at[n]) * 1000)
             elif '"mark"' in raw:   # played at once: echoed, as Twilio does when its playback reaches it
                 message = json.loads(raw)
+                self.marks += 1
                 await ws.send(json.dumps({"event": "mark", "streamSid": message.get("streamSid"),
                                           "mark": message.get("mark")}))
             elif '"clear"' in raw and self.interrupt_at and self.clear_ms is None:
@@ -259,6 +261,7 @@ def run_one(server: str, calls: int, seconds: float, audio_format: str, tmp: Pat
            "rtt_p50_ms": pct(rtt, 0.5), "rtt_p99_ms": pct(rtt, 0.99),
            "frames_sent": sum(len(c.sent_at) for c in callers), "frames_back": sum(c.frames_back for c in callers),
            "frames_lost": sum(c.lost() for c in callers) if numbered else None,
+           "marks_per_call_s": round(sum(c.marks for c in callers) / call_seconds, 1),
            "closed_early": sum(c.closed_early for c in callers)}
     if twivapi:
         row.update({"relay_p50_ms": pct(relay, 0.5), "relay_p99_ms": pct(relay, 0.99),

@@ -2,9 +2,13 @@
 
 Vapi's audio is cut into 20 ms mu-law frames (a partial frame waits for the next chunk: never padded
 mid-utterance, never dropped; at the end of an utterance it is padded with silence), queued, and
-paced so Twilio never holds more than ``LEAD_MS`` of it unplayed. After every ``MARK_EVERY`` frames,
-and at the end of what is queued, a ``mark`` named ``<generation>:<ms sent>`` goes out; its echo
-tells what the caller actually heard.
+paced so Twilio never holds more than ``LEAD_MS`` of it unplayed. A ``mark`` named
+``<generation>:<ms sent>`` follows the end of what was queued, once no more audio has come for a
+frame's time (a source at real time empties the queue after every frame: that is not a mark each);
+its echo tells when the caller has heard it all. While a recording taps the call (``serve
+--record``), a mark also follows every ``MARK_EVERY`` frames: the recording keeps only what Twilio
+confirmed played, so it needs the position to 100 ms. Nothing else reads the position between ends,
+and every mark costs two messages (ours and Twilio's echo).
 
 An interruption drops the queue, resets the outbound resampler and moves the generation on, so the
 marks and late frames of the interrupted turn are ignored; until Vapi's next turn starts (or a gap
@@ -27,7 +31,8 @@ MULAW_FRAME = 160                # 20 ms of mu-law at 8 kHz
 MULAW_SILENCE = b"\xff"
 LEAD_MS = 120                    # most assistant audio Twilio may hold unplayed
 STALE_AUDIO_GAP = 0.3            # after barge-in, Vapi audio this long after the last frame is a new turn
-MARK_EVERY = 5                   # a mark per 100 ms of audio: playback position to 100 ms, half the messages
+MARK_EVERY = 5                   # while recording, a mark per 100 ms of audio: the position to 100 ms
+MARK_AFTER_QUIET_S = FRAME_MS / 1000   # the queue empty this long: what was sent is the end, marked
 PLAY_OUT_S = 1.5                 # at most this long, when a call ends, for what is queued to reach the caller
 TWILIO_ENDS = "twilio-"          # end reasons meaning the caller's side is gone: nothing left to play to
 
@@ -57,6 +62,7 @@ class Outbound:
         self.played_ms = 0         # ... and confirmed played by an echoed mark
         self.frames_out = 0
         self.muted = False         # dropping the rest of an interrupted turn
+        self.unmarked = False      # frames went out since the last mark
         self._play_clock: float | None = None
         self._last_audio = 0.0
         self.speech_ended_at: float | None = None   # the caller stopped speaking: first audio is timed from it
@@ -110,14 +116,25 @@ class Outbound:
         self.generation += 1
         self.sent_ms = self.played_ms = 0
         self._play_clock = None
+        self.unmarked = False   # what was sent is cleared: nothing to mark
         return True
 
     # --- pacing --------------------------------------------------------------------------------------
     async def pace(self) -> None:
         """Send queued frames so Twilio holds at most LEAD_MS of unplayed audio; runs until cancelled."""
+        loop = asyncio.get_running_loop()
         while True:
             if not self.queue:
                 self.ready.clear()
+                if self.unmarked:   # the end of what was sent: marked unless audio follows within a frame
+                    timer = loop.call_later(MARK_AFTER_QUIET_S, self.ready.set)
+                    try:
+                        await self.ready.wait()
+                    finally:
+                        timer.cancel()
+                    if not self.queue and self.unmarked:
+                        await self._mark()
+                    continue
                 await self.ready.wait()
                 continue
             now = time.monotonic()
@@ -136,13 +153,18 @@ class Outbound:
             return  # interrupted while sending
         self.sent_ms += FRAME_MS
         self.frames_out += 1
+        self.unmarked = True
         if self.tap is not None:
             self.tap(generation, self.sent_ms, frame)
-        if self.frames_out % MARK_EVERY == 0 or not self.queue:
-            await self.send(twilio_media.mark_frame(self.stream_sid, f"{self.generation}:{self.sent_ms}"))
+            if self.frames_out % MARK_EVERY == 0:   # the recording's playback position
+                await self._mark()
         if self.speech_ended_at is not None and self.on_first_audio is not None:
             ended, self.speech_ended_at = self.speech_ended_at, None
             await self.on_first_audio(ended)
+
+    async def _mark(self) -> None:
+        self.unmarked = False
+        await self.send(twilio_media.mark_frame(self.stream_sid, f"{self.generation}:{self.sent_ms}"))
 
     # --- the end: what is queued is still heard -----------------------------------------------------
     def playing_out(self, reason: str) -> bool:
