@@ -77,6 +77,25 @@ def test_odd_chunk_sizes_lose_nothing():
     assert len(out) == len(pcm) // 2
 
 
+@given(samples=st.lists(st.integers(min_value=-32768, max_value=32767), min_size=0, max_size=1500),
+       cuts=st.lists(st.integers(min_value=0, max_value=3000), max_size=25))
+def test_the_downsampler_does_not_care_how_its_input_is_chunked(samples, cuts):
+    """Filter history carried across calls of any size (the buffers follow a new chunk size): cut
+    anywhere, even mid-sample, the output is the one of a single call."""
+    pcm = np.array(samples, dtype="<i2").tobytes()
+    whole = audio.Downsampler().process(pcm)
+    down = audio.Downsampler()
+    points = sorted({0, len(pcm), *[c for c in cuts if c <= len(pcm)]})
+    assert b"".join(down.process(pcm[a:b]) for a, b in itertools.pairwise(points)) == whole
+
+
+def test_the_downsampler_reset_drops_its_history():
+    down = audio.Downsampler()
+    down.process(audio.tone(1000, 20, 16000, 0.9))
+    down.reset()
+    assert down.process(b"\x00\x00" * 320) == b"\x00\x00" * 160
+
+
 def test_reset_drops_the_filter_history():
     up = audio.Upsampler()
     up.process(audio.tone(1000, 20, 8000, 0.9))

@@ -115,6 +115,7 @@ def _to_int16(samples: np.ndarray) -> bytes:
 
 _H_EVEN_X2 = 2 * _H_EVEN   # the upsampler's even branch, with the zero-stuffing gain folded in
 _HIST_UP = 2 * _M + 1
+_HIST_EVEN, _HIST_ODD = 2 * _M + 1, _M + 1   # the downsampler's history per branch
 
 
 class Upsampler:
@@ -149,14 +150,19 @@ class Upsampler:
 
 class Downsampler:
     """16 kHz -> 8 kHz PCM16 through the anti-alias half-band; accepts any whole number of samples
-    (an odd one waits for the next call)."""
+    (an odd one waits for the next call).
+
+    Polyphase, like the Upsampler: the even inputs go through the FIR, the odd ones meet its centre
+    tap (0.5, applied as they are stored); each branch is one buffer [history | frame], reused."""
 
     def __init__(self) -> None:
+        self._even = np.zeros(_HIST_EVEN + 160)
+        self._odd = np.zeros(_HIST_ODD + 160)
         self.reset()
 
     def reset(self) -> None:
-        self._even = np.zeros(2 * _M + 1)
-        self._odd = np.zeros(_M + 1)
+        self._even[:_HIST_EVEN] = 0.0
+        self._odd[:_HIST_ODD] = 0.0
         self._carry = b""
 
     def process(self, pcm: bytes) -> bytes:
@@ -167,12 +173,16 @@ class Downsampler:
             return b""
         x = np.frombuffer(data, dtype="<i2", count=usable // 2)
         n = len(x) // 2
-        even = np.concatenate((self._even, x[0::2]))
-        odd = np.concatenate((self._odd, x[1::2]))
-        y = np.correlate(even, _H_EVEN, "valid")[:n]
-        y += 0.5 * odd[:n]
-        self._even = even[n:]
-        self._odd = odd[n:]
+        if len(self._even) != _HIST_EVEN + n:   # another chunk size: the buffers follow, history kept
+            self._even = np.concatenate((self._even[:_HIST_EVEN], np.empty(n)))
+            self._odd = np.concatenate((self._odd[:_HIST_ODD], np.empty(n)))
+        even, odd = self._even, self._odd
+        even[_HIST_EVEN:] = x[0::2]
+        np.multiply(x[1::2], 0.5, out=odd[_HIST_ODD:])
+        y = np.correlate(even, _H_EVEN, "valid")
+        y += odd[:n]
+        even[:_HIST_EVEN] = even[n:]
+        odd[:_HIST_ODD] = odd[n:]
         return _to_int16(y)
 
 
