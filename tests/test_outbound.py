@@ -62,7 +62,7 @@ def test_a_recording_gets_the_position_every_100_ms():
 
 def test_audio_that_follows_before_the_quiet_is_over_is_the_same_run(monkeypatch):
     """A source at real time empties the queue after every frame: that is not a mark after each."""
-    monkeypatch.setattr(outbound_module, "MARK_AFTER_QUIET_S", 1.0)
+    monkeypatch.setattr(outbound_module, "MARK_AFTER_QUIET_S", 2.0)
 
     async def go() -> tuple[list[str], list[str]]:
         outbound, sent, pacer = started()
@@ -80,7 +80,7 @@ def test_audio_that_follows_before_the_quiet_is_over_is_the_same_run(monkeypatch
 
 
 def test_a_barge_in_leaves_nothing_to_mark(monkeypatch):
-    monkeypatch.setattr(outbound_module, "MARK_AFTER_QUIET_S", 1.0)
+    monkeypatch.setattr(outbound_module, "MARK_AFTER_QUIET_S", 2.0)
 
     async def go() -> list[str]:
         outbound, sent, pacer = started()
