@@ -121,15 +121,6 @@ def test_media_frame_is_serialize_of_a_server_media(stream_sid, payload):
     assert parse(fast) == Media(stream_sid, payload)
 
 
-@pytest.mark.parametrize("stream_sid", [SID, None, 'MZ"\\\n\u00e9'])
-@pytest.mark.parametrize("name", ["0:120", "", 'utt "42"\\\t\u2603'])
-def test_mark_frame_is_serialize_of_a_server_mark(stream_sid, name):
-    fast = tm.mark_frame(stream_sid, name)
-    assert fast == serialize(Mark(stream_sid, name))
-    assert fast == json.dumps(tm.to_wire(Mark(stream_sid, name)), separators=(",", ":"))
-    assert parse(fast) == Mark(stream_sid, name)
-
-
 @pytest.mark.parametrize(("chunk", "read"), [
     ("0", 0), ("7", 7), ("9" * 18, int("9" * 18)), ("9" * 40, int("9" * 40)),   # past the fast path: still read
     ("\u0663", None), ("", None), ("+1", None), (" 1", None), ("1.5", None), (3, 3), (-3, None), (True, None),

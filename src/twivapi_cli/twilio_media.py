@@ -46,8 +46,8 @@ from urllib.parse import urlsplit
 
 __all__ = [
     "MAX_PAYLOAD", "BadMessage", "Clear", "Connected", "Dtmf", "Mark", "Media", "MediaFormat", "Message", "Start",
-    "Stop", "from_wire", "loopback", "mark_frame", "media_frame", "numbered", "parse", "serialize",
-    "stream_url_problems", "to_wire", "ws_url",
+    "Stop", "from_wire", "loopback", "media_frame", "numbered", "parse", "serialize", "stream_url_problems", "to_wire",
+    "ws_url",
 ]
 
 MAX_PAYLOAD = 16_000        # bytes of audio in one media message (2 s of mu-law) before it is called bad
@@ -224,7 +224,7 @@ def _loose_count(value: Any) -> int | None:
     """A counter the bridge never relies on (``chunk``, ``timestamp``, ``sequenceNumber``): read
     when it is one, else None; a malformed one never makes its message bad (be liberal in what you
     accept: the audio in it is good)."""
-    if type(value) is str and 0 < len(value) <= 18 and value.isdigit() and value.isascii():
+    if type(value) is str and len(value) <= 18 and value.isdigit() and value.isascii():
         return int(value)   # the usual case, three times per media message: no try, no call
     try:
         return None if value is None else _count(value, "")
@@ -319,17 +319,10 @@ def _read_media(data: dict[str, Any], max_payload: int | None) -> Media:
 
 
 def _read_mark(data: dict[str, Any], max_payload: int | None) -> Mark:
-    # the echo of every mark the bridge sends (10 a second per call): _body's and _text's checks, inlined
-    body = data.get("mark")
-    if type(body) is not dict:
-        body = _body(data, "mark")
+    body = _body(data, "mark")
     if "name" not in body:
         raise BadMessage("mark without name")
-    stream_sid = data.get("streamSid")
-    if stream_sid is not None and type(stream_sid) is not str:
-        raise BadMessage("streamSid is not a string")
-    name = body["name"]
-    return Mark(stream_sid, name if type(name) is str else _loose_text(name), _loose_count(data.get("sequenceNumber")))
+    return Mark(_text(data, "streamSid", ""), _loose_text(body["name"]), _loose_count(data.get("sequenceNumber")))
 
 
 def _read_dtmf(data: dict[str, Any], max_payload: int | None) -> Dtmf:
@@ -366,8 +359,6 @@ def serialize(message: Message) -> str:
     if type(message) is Media and message.track is None and message.chunk is None \
             and message.timestamp is None and message.sequence_number is None:
         return media_frame(message.stream_sid, message.payload)
-    if type(message) is Mark and message.sequence_number is None:
-        return mark_frame(message.stream_sid, message.name)
     return json.dumps(to_wire(message), separators=(",", ":"))
 
 
@@ -381,15 +372,6 @@ def media_frame(stream_sid: str | None, payload: bytes) -> str:
     if stream_sid is None:
         return '{"event":"media","media":{"payload":"' + encoded + '"}}'
     return '{"event":"media","streamSid":' + _quote(stream_sid) + ',"media":{"payload":"' + encoded + '"}}'
-
-
-def mark_frame(stream_sid: str | None, name: str) -> str:
-    """The server's mark message, fast (one per 100 ms of audio per call): the same text as
-    ``serialize(Mark(stream_sid, name))``."""
-    mark = '"mark":{"name":' + _quote(name) + '}}'
-    if stream_sid is None:
-        return '{"event":"mark",' + mark
-    return '{"event":"mark","streamSid":' + _quote(stream_sid) + ',' + mark
 
 
 def to_wire(message: Message) -> dict[str, Any]:

@@ -121,17 +121,16 @@ class MediaCall:
             if message.stream_sid not in (None, self.stream_sid):
                 return await self.bad("streamSid does not match this stream")
         try:
-            if type(message) is twilio_media.Media:   # the hot path (50 a second per call): no dispatch
-                await self.on_media(message)
-            else:
-                await self._dispatch(message)
+            await self._dispatch(message)
         except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as exc:   # e.g. a mark of 5,000 digits
             await self.bad(f"malformed {message.event}: {type(exc).__name__}")
         except StoreError as exc:
             await self.store_unavailable(message.event, exc)
 
     async def _dispatch(self, message: twilio_media.Message) -> None:
-        if isinstance(message, twilio_media.Mark):
+        if isinstance(message, twilio_media.Media):
+            await self.on_media(message)
+        elif isinstance(message, twilio_media.Mark):
             self.outbound.played(message.name)
             if self.audio is not None:
                 self.audio.played(self.outbound.generation, self.outbound.played_ms)
@@ -141,8 +140,6 @@ class MediaCall:
             await self.on_dtmf(message)
         elif isinstance(message, twilio_media.Stop):
             await self.finish("twilio-stream-stopped")
-        elif isinstance(message, twilio_media.Media):
-            await self.on_media(message)
         elif isinstance(message, twilio_media.Clear):
             await self.bad("clear is sent to Twilio, never by it")
 

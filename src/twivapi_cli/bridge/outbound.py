@@ -164,7 +164,7 @@ class Outbound:
 
     async def _mark(self) -> None:
         self.unmarked = False
-        await self.send(twilio_media.mark_frame(self.stream_sid, f"{self.generation}:{self.sent_ms}"))
+        await self.send(twilio_media.serialize(twilio_media.Mark(self.stream_sid, f"{self.generation}:{self.sent_ms}")))
 
     # --- the end: what is queued is still heard -----------------------------------------------------
     def playing_out(self, reason: str) -> bool:
