@@ -215,7 +215,8 @@ def test_the_play_out_at_the_end_is_bounded_and_skipped_when_twilio_ended_it():
         pacer.cancel()
         return waited, len(sent)
     waited, sent = asyncio.run(go())
-    assert 0.3 <= waited < 0.6 and sent > 10
+    # bounded by the timeout, not by the 3 s queued: a wide margin for a slow machine, still under 3 s
+    assert 0.3 <= waited < 2.0 and sent > 10
 
 
 def test_unsigned_handshake_is_refused_when_a_signature_is_required(bridge_factory):
