@@ -72,6 +72,33 @@ def test_stream_mode_answers_connect_stream_and_creates_the_vapi_call(bridge, va
     assert created[0]["transport"]["audioFormat"] == {"format": "mulaw", "container": "raw", "sampleRate": 8000}
 
 
+def test_a_ready_call_that_no_socket_waits_for_keeps_no_wait_state(bridge, vapi):
+    """Only a media socket that waits has a ready event: a call whose stream never opens (or has not
+    yet) keeps nothing per call until it ends, and a socket that comes later still sees it ready."""
+    sid = new_call_sid()
+    assert bridge.voice(sid).status_code == 200
+    wait_for(lambda: bridge.session(sid).state == CallState.READY)
+    assert not bridge.deps.signals.waiting(sid)
+    session = bridge.server.run(lambda: bridge.deps.signals.wait_ready(sid, 1.0))
+    assert session is not None and session.state == CallState.READY
+
+
+def test_the_collector_is_tuned_for_the_bridge():
+    """serve's start: start-up's objects frozen out of every collection, young collections far rarer
+    than CPython's 700 allocations, full ones rarer than its 10 middle ones (in a fresh interpreter:
+    the thresholds are process-wide)."""
+    import subprocess
+    import sys
+
+    from twivapi_cli.bridge.server import GC_FULL_EVERY, GC_YOUNG
+    script = ("import gc, json; from twivapi_cli.bridge.server import tune_gc; before = gc.get_threshold(); "
+              "tune_gc(); print(json.dumps([before, gc.get_threshold(), gc.get_freeze_count()]))")
+    before, after, frozen = json.loads(subprocess.run([sys.executable, "-c", script], capture_output=True,
+                                                      text=True, check=True).stdout)
+    assert after == [GC_YOUNG, before[1], GC_FULL_EVERY]
+    assert after[0] >= 10 * before[0] and after[2] > before[2] and frozen > 10_000
+
+
 def test_voice_webhook_answers_before_vapi_does(bridge, vapi):
     vapi.slow_calls(4.0)
     sid = new_call_sid()

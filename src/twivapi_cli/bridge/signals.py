@@ -58,7 +58,9 @@ class Signals:
     async def state_changed(self, call_sid: str, state: CallState) -> None:
         """The call became ready, active or ended: wake a socket waiting here now, and one waiting on
         another instance through the cluster."""
-        event = self._ready.pop(call_sid, None) if state.terminal else self._ready_event(call_sid)
+        # only a socket that waits has an event: a call that never streams keeps none (wait_ready
+        # reads the session before it waits, so a socket that comes after this sees the state)
+        event = self._ready.pop(call_sid, None) if state.terminal else self._ready.get(call_sid)
         if event is not None:
             event.set()
         await self.cluster.publish(call_sid, SignalKind.READY, {"state": state.value})
