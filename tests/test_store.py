@@ -153,6 +153,32 @@ async def test_sqlite_survives_reopen(tmp_path):
     await second.close()
 
 
+async def test_sqlite_rows_read_back_as_json_would_have_them(tmp_path):
+    """A row's JSON is orjson's where orjson can and json.dumps's where it refuses (an integer past 64
+    bits, a key that is not a string): either way the file gives back what json.dumps then json.loads
+    would, dates and non-ASCII text included."""
+    import datetime
+    import json
+    path = tmp_path / "j.db"
+    datas = [{"big": 2**70, "n": -3, "text": "café ☎", "nested": {"a": [1.5, None, True, 0.1]}},
+             {1: "a key that is not a string"},
+             {"when": datetime.datetime(2026, 12, 4, 19, 0), "plain": "x"}]
+    first = SQLiteStore(path)
+    await first.open()
+    await first.create_session(Session("CA1", "stream", from_number="+15550001111", ended_reason="é"))
+    for i, data in enumerate(datas):
+        await first.append(Event(type=f"t{i}", call_sid="CA1", data=data))
+    await first.close()
+    second = SQLiteStore(path)
+    await second.open()
+    try:
+        assert [e.data for e in await second.events(0)] == [json.loads(json.dumps(d, default=str)) for d in datas]
+        session = await second.get_session("CA1")
+        assert session is not None and session.from_number == "+15550001111" and session.ended_reason == "é"
+    finally:
+        await second.close()
+
+
 async def test_sqlite_locked_is_a_store_error_and_recovers(tmp_path):
     import sqlite3
 
