@@ -132,6 +132,18 @@ async def test_expired_sessions(store):
     assert [s.call_sid for s in await store.expired_sessions(idle_before=1000)] == ["CA-old"]
 
 
+def test_a_session_copy_is_what_dataclasses_replace_gives_and_shares_nothing_mutable():
+    import dataclasses
+    session = Session("CA1", "stream", from_number="+15550001111", answer="<Response/>")
+    copy = session.copy()
+    assert copy == dataclasses.replace(session) and copy is not session and type(copy) is Session
+    copy.state, copy.vapi_call_id = CallState.READY, "v1"
+    assert session.state == CallState.RINGING and session.vapi_call_id is None
+    # a shallow copy is a copy only while every field is immutable: a new list or dict field needs a deep one
+    immutable = {"str", "str | None", "float", "int", "CallState"}
+    assert {f.name: f.type for f in dataclasses.fields(Session) if f.type not in immutable} == {}
+
+
 async def test_sqlite_survives_reopen(tmp_path):
     path = tmp_path / "r.db"
     first = SQLiteStore(path)

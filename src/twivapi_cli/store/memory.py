@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import collections
-import dataclasses
 import time
 from typing import Any
 
@@ -48,7 +47,7 @@ class MemoryStore:
 
     async def get_session(self, call_sid: str) -> Session | None:
         session = self._sessions.get(call_sid)
-        return dataclasses.replace(session) if session else None
+        return session.copy() if session else None
 
     async def find_session(self, *, vapi_call_id: str | None = None,
                            stream_sid: str | None = None) -> Session | None:
@@ -66,7 +65,7 @@ class MemoryStore:
         session.updated_at = time.time()
         self._index(session)
         await self._persist("session", session, durable)
-        return dataclasses.replace(session)
+        return session.copy()
 
     async def transition(self, call_sid: str, trigger: Trigger, *, reason: str | None = None,
                          durable: bool = True) -> Transition:
@@ -76,15 +75,15 @@ class MemoryStore:
         previous = session.state
         to = next_state(previous, trigger)
         if to is None:
-            return Transition(Outcome.REJECTED, dataclasses.replace(session), previous)
+            return Transition(Outcome.REJECTED, session.copy(), previous)
         if to is previous:
-            return Transition(Outcome.ALREADY, dataclasses.replace(session), previous)
+            return Transition(Outcome.ALREADY, session.copy(), previous)
         session.state = to
         session.updated_at = time.time()
         if reason and to.terminal:
             session.ended_reason = reason
         await self._persist("session", session, durable)
-        return Transition(Outcome.MOVED, dataclasses.replace(session), previous)
+        return Transition(Outcome.MOVED, session.copy(), previous)
 
     async def apply_status_sequence(self, call_sid: str, sequence: int) -> bool:
         session = self._sessions.get(call_sid)
@@ -95,10 +94,10 @@ class MemoryStore:
         return True
 
     async def active_sessions(self) -> list[Session]:
-        return [dataclasses.replace(s) for s in self._sessions.values() if not s.state.terminal]
+        return [s.copy() for s in self._sessions.values() if not s.state.terminal]
 
     async def expired_sessions(self, idle_before: float) -> list[Session]:
-        return [dataclasses.replace(s) for s in self._sessions.values()
+        return [s.copy() for s in self._sessions.values()
                 if not s.state.terminal and s.updated_at < idle_before]
 
     def _index(self, session: Session) -> None:

@@ -282,9 +282,8 @@ class SQLiteStore(MemoryStore):
             return await change
         current = self._sessions.get(call_sid)
         before = None
-        if current is not None:    # a shallow copy, cheaper than dataclasses.replace on the hot path
-            before = object.__new__(Session)
-            before.__dict__.update(current.__dict__)
+        if current is not None:
+            before = current.copy()
         changes = self._changes.get(call_sid, 0)
         try:
             return await change
