@@ -124,6 +124,19 @@ async def test_event_log_orders_and_filters(store):
     assert [e.seq for e in await store.events(3)] == [4, 5]
 
 
+async def test_count_active_counts_what_active_sessions_lists(store):
+    assert await store.count_active() == 0
+    for sid in ("CA1", "CA2", "CA3", "CA4"):
+        await store.create_session(Session(sid, "stream"))
+    await store.create_session(Session("CA1", "stream"))          # a second create changes nothing
+    await store.transition("CA2", Trigger.VAPI_CALL_CREATED)
+    await store.transition("CA3", Trigger.END, reason="done")
+    await store.transition("CA4", Trigger.FAIL, reason="vapi-setup-failed")
+    assert await store.count_active() == len(await store.active_sessions()) == 2
+    await store.transition("CA2", Trigger.END, reason="done")
+    assert await store.count_active() == 1
+
+
 async def test_expired_sessions(store):
     old = Session("CA-old", "stream")
     old.updated_at = 0

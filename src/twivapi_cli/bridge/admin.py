@@ -182,7 +182,7 @@ async def metrics(request: Request) -> Response:
         return error_response(401, "unauthorized", "admin token missing or wrong (see bridge.json)")
     bridge = request.app.state.bridge
     registry = CollectorRegistry()
-    registry.register(_Collector(bridge, len(await bridge.store.active_sessions())))
+    registry.register(_Collector(bridge, await bridge.store.count_active()))
     return Response(generate_latest(registry), media_type="text/plain; version=0.0.4")
 
 

@@ -64,7 +64,7 @@ def check_settings(settings: Settings) -> None:
 async def health(request: Request) -> JSONResponse:
     bridge = deps(request)
     store = await bridge.store.health()
-    active = len(await bridge.store.active_sessions()) if store.get("ok") else None
+    active = await bridge.store.count_active() if store.get("ok") else None
     status = "draining" if bridge.lifecycle.draining else "ok" if store.get("ok") else "degraded"
     body = {"status": status, "version": __version__, "mode": bridge.settings.mode,
             "instance": bridge.instance, "active_sessions": active, "store": store,

@@ -43,6 +43,8 @@ class Store(Protocol):
     async def apply_status_sequence(self, call_sid: str, sequence: int) -> bool:
         """Atomically record a status callback's SequenceNumber; False if not newer than the last."""
     async def active_sessions(self) -> list[Session]: ...
+    async def count_active(self) -> int:
+        """How many sessions have not ended, counted without reading them (/health, /metrics)."""
     async def expired_sessions(self, idle_before: float) -> list[Session]: ...
 
     async def claim(self, key: str, ttl: float) -> bool:

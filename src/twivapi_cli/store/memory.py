@@ -96,6 +96,9 @@ class MemoryStore:
     async def active_sessions(self) -> list[Session]:
         return [s.copy() for s in self._sessions.values() if not s.state.terminal]
 
+    async def count_active(self) -> int:
+        return sum(1 for s in self._sessions.values() if not s.state.terminal)
+
     async def expired_sessions(self, idle_before: float) -> list[Session]:
         return [s.copy() for s in self._sessions.values()
                 if not s.state.terminal and s.updated_at < idle_before]

@@ -228,6 +228,10 @@ class RedisStore:
         sessions = [await self.get_session(s) for s in sids]
         return [s for s in sessions if s is not None and not s.state.terminal]
 
+    async def count_active(self) -> int:
+        # the scripts keep the active set exactly the sessions not ended: one round trip, not one a call
+        return int(await self._do(self.redis.zcard(self.k("active"))))
+
     async def expired_sessions(self, idle_before: float) -> list[Session]:
         sids = await self._do(self.redis.zrangebyscore(self.k("active"), "-inf", idle_before))
         sessions = [await self.get_session(s) for s in sids]
