@@ -328,6 +328,21 @@ async def test_prune_forgets_ended_sessions_and_expired_claims_from_memory(tmp_p
 
 
 @pytest.mark.redis
+async def test_redis_reads_live_sessions_in_chunks_and_leaves_out_the_ended(monkeypatch):
+    from twivapi_cli.store import redis as redis_store
+    monkeypatch.setattr(redis_store, "MGET_CHUNK", 7)      # 20 calls: three round trips, the last short
+    async with fresh_redis() as store:
+        sids = [f"CA{i:032d}" for i in range(20)]
+        for sid in sids:
+            await store.create_session(Session(sid, "stream"))
+        for sid in sids[::5]:
+            await store.transition(sid, Trigger.END, reason="done")
+        live = [sid for sid in sids if sid not in sids[::5]]
+        assert sorted(s.call_sid for s in await store.active_sessions()) == live
+        assert sorted(s.call_sid for s in await store.expired_sessions(idle_before=time.time() + 60)) == live
+
+
+@pytest.mark.redis
 async def test_redis_ended_sessions_expire():
     from twivapi_cli.store.redis import ENDED_KEPT_S
     async with fresh_redis() as store:

@@ -29,6 +29,7 @@ from ..models import TRANSITIONS, CallState, Event, Outcome, Session, Transition
 EVENT_RETENTION = 1_000_000
 MARKS_PER_BUCKET = 100_000
 MARKS_KEPT_S = 7 * 24 * 3600
+MGET_CHUNK = 500             # sessions read in one round trip (a few hundred KB at most)
 ENDED_KEPT_S = 24 * 3600.0   # an ended session's key expires after this (the event log keeps its history)
 TIMEOUT_S = 1.0
 MAX_CONNECTIONS = 512   # per process; past it a command waits for one (Redis allows 10,000 clients)
@@ -224,18 +225,23 @@ class RedisStore:
         return bool(await self._do(self._scripts["sequence"](keys=[self.k("s", call_sid)], args=[sequence])))
 
     async def active_sessions(self) -> list[Session]:
-        sids = await self._do(self.redis.zrange(self.k("active"), 0, -1))
-        sessions = [await self.get_session(s) for s in sids]
-        return [s for s in sessions if s is not None and not s.state.terminal]
+        return await self._live(await self._do(self.redis.zrange(self.k("active"), 0, -1)))
 
     async def count_active(self) -> int:
         # the scripts keep the active set exactly the sessions not ended: one round trip, not one a call
         return int(await self._do(self.redis.zcard(self.k("active"))))
 
     async def expired_sessions(self, idle_before: float) -> list[Session]:
-        sids = await self._do(self.redis.zrangebyscore(self.k("active"), "-inf", idle_before))
-        sessions = [await self.get_session(s) for s in sids]
-        return [s for s in sessions if s is not None and not s.state.terminal]
+        return await self._live(await self._do(self.redis.zrangebyscore(self.k("active"), "-inf", idle_before)))
+
+    async def _live(self, call_sids: list[str]) -> list[Session]:
+        """The sessions of these calls that exist and have not ended: an MGET per ``MGET_CHUNK``, not a
+        GET each (the sweeper reads every live call each round: 1,000 of them took 130 ms of round trips)."""
+        sessions = []
+        for at in range(0, len(call_sids), MGET_CHUNK):
+            keys = [self.k("s", sid) for sid in call_sids[at:at + MGET_CHUNK]]
+            sessions += [Session.from_dict(json.loads(raw)) for raw in await self._do(self.redis.mget(keys)) if raw]
+        return [s for s in sessions if not s.state.terminal]
 
     # --- idempotency ----------------------------------------------------------------------------
     async def claim(self, key: str, ttl: float) -> bool:
