@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -9,7 +10,7 @@ import time
 import httpx
 import pytest
 
-from twivapi_cli.models import CallState
+from twivapi_cli.models import CallState, Trigger
 from twivapi_cli.store.memory import MemoryStore
 from twivapi_cli.store.sqlite import SQLiteStore
 
@@ -81,6 +82,43 @@ def test_a_ready_call_that_no_socket_waits_for_keeps_no_wait_state(bridge, vapi)
     assert not bridge.deps.signals.waiting(sid)
     session = bridge.server.run(lambda: bridge.deps.signals.wait_ready(sid, 1.0))
     assert session is not None and session.state == CallState.READY
+
+
+def test_a_move_while_the_socket_reads_its_session_still_wakes_it(monkeypatch):
+    """A store whose read waits (Redis): the call becomes ready while a media socket's first read is
+    on its way and comes back stale. The socket's ready event exists before that read, so the move
+    sets it and the socket looks again at once, not after the poll (made an hour here)."""
+    from twivapi_cli.bridge import signals as signals_module
+    from twivapi_cli.cluster.local import LocalCluster
+    from twivapi_cli.models import Session
+    from twivapi_cli.store.memory import MemoryStore
+    monkeypatch.setattr(signals_module, "READY_POLL_S", 3600.0)
+
+    class SlowFirstRead(MemoryStore):
+        reads = 0
+        moved: asyncio.Event
+
+        async def get_session(self, call_sid):
+            stale = await super().get_session(call_sid)   # what the read sees...
+            self.reads += 1
+            if self.reads == 1:
+                await self.moved.wait()                    # ...and gives back after the move
+            return stale
+
+    async def go():
+        store = SlowFirstRead()
+        store.moved = moved = asyncio.Event()
+        signals = signals_module.Signals(store, LocalCluster())
+        await store.create_session(Session("CA1", "stream", state=CallState.SETTING_UP))
+        waiter = asyncio.create_task(signals.wait_ready("CA1", timeout=60))
+        await asyncio.sleep(0.05)                          # the socket's first read is under way
+        await store.transition("CA1", Trigger.VAPI_CALL_CREATED)
+        await signals.state_changed("CA1", CallState.READY)
+        moved.set()
+        session = await asyncio.wait_for(waiter, 10)
+        return session.state, signals.waiting("CA1")
+
+    assert asyncio.run(go()) == (CallState.READY, True)   # it still waits for the call's end to forget it
 
 
 def test_the_collector_is_tuned_for_the_bridge():

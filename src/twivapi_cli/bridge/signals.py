@@ -59,7 +59,7 @@ class Signals:
         """The call became ready, active or ended: wake a socket waiting here now, and one waiting on
         another instance through the cluster."""
         # only a socket that waits has an event: a call that never streams keeps none (wait_ready
-        # reads the session before it waits, so a socket that comes after this sees the state)
+        # makes its event before it reads the session, so no move falls between the two)
         event = self._ready.pop(call_sid, None) if state.terminal else self._ready.get(call_sid)
         if event is not None:
             event.set()
@@ -89,15 +89,19 @@ class Signals:
     async def wait_ready(self, call_sid: str, timeout: float) -> Session | None:
         """The session once its Vapi call exists (or it ended); None on timeout."""
         deadline = time.monotonic() + timeout
+        # made before the first read: a move while that read waits on the store (Redis) still wakes it
+        ready = self._ready_event(call_sid)
         while True:
             session = await self.store.get_session(call_sid)
             if session is not None and session.state not in (CallState.RINGING, CallState.SETTING_UP):
+                if session.state.terminal:   # over before this socket came: nothing will pop its event
+                    self._ready.pop(call_sid, None)
                 return session
             left = deadline - time.monotonic()
             if left <= 0:
                 return None
             try:   # woken by our own move or another instance's; the poll is the backstop
-                await asyncio.wait_for(self._ready_event(call_sid).wait(), min(left, READY_POLL_S))
+                await asyncio.wait_for(ready.wait(), min(left, READY_POLL_S))
             except TimeoutError:
                 pass
 
