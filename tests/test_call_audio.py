@@ -94,9 +94,12 @@ def test_both_legs_sample_by_sample(sims, record_dir):
 
 
 def test_audio_cleared_at_barge_in_is_not_in_the_recording(sims, record_dir):
-    sent = speech(800, 600, 300.0, ms_after=1500)   # talks over a 3 s greeting at 0.8 s
-    result, meta, left, right = recorded_call(sims, record_dir, CallerPlan(audio=sent, hangup_after_s=3.0),
-                                              greeting_ms=3000)
+    # talks at 2.5 s over a 6 s greeting: the greeting starts once POST /call answered (up to ~0.7 s
+    # in, later on a loaded machine; at 0.8 s the speech could come before it, and nothing to clear);
+    # the hang-up at 5.5 s leaves the reply room
+    sent = speech(2500, 600, 300.0, ms_after=1500)
+    result, meta, left, right = recorded_call(sims, record_dir, CallerPlan(audio=sent, hangup_after_s=5.5),
+                                              greeting_ms=6000)
     assert len(result.clears) == 1
     assert np.array_equal(left[:len(sent)], pcm(sent))
     heard = pcm(bytes(result.heard))
