@@ -111,7 +111,8 @@ def test_a_move_while_the_socket_reads_its_session_still_wakes_it(monkeypatch):
         signals = signals_module.Signals(store, LocalCluster())
         await store.create_session(Session("CA1", "stream", state=CallState.SETTING_UP))
         waiter = asyncio.create_task(signals.wait_ready("CA1", timeout=60))
-        await asyncio.sleep(0.05)                          # the socket's first read is under way
+        await asyncio.sleep(0)                             # one turn: the socket's first read is under way
+        assert store.reads == 1 and not waiter.done()
         await store.transition("CA1", Trigger.VAPI_CALL_CREATED)
         await signals.state_changed("CA1", CallState.READY)
         moved.set()

@@ -389,7 +389,10 @@ def _json(value: Any) -> str:
     """A row's JSON text, built on the event loop for every session and event write (4 and 5 a
     call): orjson takes 1.1 us for a session and 0.2 us for a webhook's event where json.dumps took
     4.9 and 2.4 us. What orjson refuses (an integer past 64 bits, a key that is not a string, nesting
-    past 254) is written by json.dumps, so every row reads back as json.loads gives it."""
+    past 254) is written by json.dumps. For what events carry (parsed JSON bodies, which never hold
+    NaN, and the bridge's own strings and numbers) the text reads back as json.dumps's did; orjson
+    differs only for types they never hold (a float subclass such as numpy's goes to ``default``, an
+    Enum is written as its value)."""
     try:
         return orjson.dumps(value, default=str, option=_ORJSON_OPTIONS).decode()
     except TypeError:   # orjson.JSONEncodeError is one
