@@ -50,16 +50,18 @@ class Setup:
 @pytest.fixture(scope="module")
 def setup(sims, tmp_path_factory):
     record_dir = tmp_path_factory.mktemp("recordings")
-    assistant = sims.assistant(behavior="answer", greeting_ms=3000, reply_ms=600)
+    # the caller talks at 2 s over a 5 s greeting: it starts once POST /call answered (up to ~0.7 s in,
+    # later on a loaded machine), so it is playing then and the barge-in has something to clear
+    assistant = sims.assistant(behavior="answer", greeting_ms=5000, reply_ms=600)
     settings = bridge_settings(sims.url, VAPI_ASSISTANT_ID=assistant, TWIVAPI_RECORD_DIR=str(record_dir))
     with running_bridge(settings, MemoryStore(), public_from_server=True) as bridge:
         sims.vapi("PATCH", f"/assistant/{assistant}", json={"server": {"url": bridge.url + "/vapi/webhook",
                                                                        "headers": {"X-Vapi-Secret": VAPI_SECRET}}})
         admin = start_in_thread(create_admin_app(bridge.app, ADMIN_TOKEN))
         try:
-            spoken = (audio.silence_mulaw(800) + audio.pcm16_to_ulaw(audio.tone(300.0, 600, 8000, 0.5))
+            spoken = (audio.silence_mulaw(2000) + audio.pcm16_to_ulaw(audio.tone(300.0, 600, 8000, 0.5))
                       + audio.silence_mulaw(1600))
-            result = place_call(bridge.url, CallerPlan(audio=spoken, hangup_after_s=3.0))
+            result = place_call(bridge.url, CallerPlan(audio=spoken, hangup_after_s=4.2))
             assert not result.errors and len(result.clears) == 1, result.timeline
             wait_for(lambda: any(e.type == "vapi.report" for e in bridge.events(result.call_sid)), "Vapi's report",
                      timeout=15)
@@ -165,7 +167,7 @@ def test_the_call_list_and_a_calls_page(setup, page):
             const d = c.getContext('2d').getImageData(px, 0, 1, c.height).data;
             for (let i = 3; i < d.length; i += 4) if (d[i] > 0) return true;
             return false; }""", [canvas, at_ms])
-    assert drawn("#wave-caller", 1100) and not drawn("#wave-caller", 400)   # the caller spoke at 0.8-1.4 s
+    assert drawn("#wave-caller", 2300) and not drawn("#wave-caller", 1000)   # the caller spoke at 2.0-2.6 s
     greeting_ms = next(s for s in json.loads((setup.record_dir / f"{sid}.json").read_text())["heard"])
     assert drawn("#wave-heard", greeting_ms["at_ms"] + 50)
 

@@ -100,15 +100,18 @@ def test_a_backchannel_leaves_every_frame_of_the_turn_audible(bridge_factory, va
     (numWords 2): Vapi reports the speech (speech-update started) but no user-interrupted, and talks on.
     The bridge clears only on user-interrupted, so every frame of the greeting reaches the caller;
     clearing on the caller's speech-update too is the opt-in TWIVAPI_BARGE_IN=speech."""
-    with bridge_factory(greeting_ms=1500, num_words=2, barge_in=barge_in) as bridge:
-        sent = speech(500, 250, ms_after=2000)
-        result = run_call(bridge, CallerPlan(audio=sent, hangup_after_s=2.6))
+    # the "uh-huh" at 2 s, over a 3 s greeting that starts once POST /call answered (up to ~0.7 s in,
+    # later on a loaded machine): playing then, so the speech arm has something to clear; the hang-up
+    # at 5 s leaves the whole greeting time to be heard in the other
+    with bridge_factory(greeting_ms=3000, num_words=2, barge_in=barge_in) as bridge:
+        sent = speech(2000, 250, ms_after=2000)
+        result = run_call(bridge, CallerPlan(audio=sent, hangup_after_s=5.0))
         assistant = assistant_of(vapi, bridge, result.call_sid)
         clears = [e for e in bridge.events(result.call_sid) if e.type == "media.clear"]
     assert not result.errors, result.errors
     kinds = [(m["type"], m.get("role"), m.get("status")) for m in assistant.socket_messages]
     assert ("speech-update", "user", "started") in kinds and ("user-interrupted", None, None) not in kinds
-    assert assistant.interruptions == 0 and len(assistant.sent) == 8 * 1500   # the greeting went out whole
+    assert assistant.interruptions == 0 and len(assistant.sent) == 8 * 3000   # the greeting went out whole
     if barge_in == "interrupted":
         assert not result.clears and not clears, result.timeline
         assert bytes(result.heard) == bytes(assistant.sent)                   # every frame, in order
